@@ -1,0 +1,177 @@
+"""The ``deepmetric`` command line: train, evaluate, demo, list, config."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from deepmetric.errors import DeepMetricError
+
+app = typer.Typer(help="Deep metric learning: train, evaluate and inspect embedding models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+out_console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: the built-in digits config).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key, e.g. --set train.epochs=5 (repeatable).")]
+
+
+def friendly(fn):
+    """Turn deepmetric's own errors into a one-paragraph message and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DeepMetricError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def metrics_table(rows: dict[str, dict[str, float]], title: str) -> Table:
+    """A table with one row per embedding and the lead metrics as columns (MAP@R first)."""
+    from deepmetric.training.report import LEAD_METRICS
+
+    cols = [k for k in LEAD_METRICS if any(k in r for r in rows.values())]
+    table = Table(title=title)
+    table.add_column("embedding")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for name, m in rows.items():
+        table.add_row(name, *(f"{m[c]:.4f}" if c in m else "" for c in cols))
+    return table
+
+
+@app.command()
+@friendly
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default: runs/<data>-<loss>-<time>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run in --out.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars and per-epoch lines.")] = True,
+) -> None:
+    """Train an embedding model; writes config, metrics.jsonl, checkpoints and a report to the run folder."""
+    from deepmetric.training import Trainer, config as cfgmod
+    from deepmetric.training.report import selection_text
+
+    if resume:
+        if out is None or config is not None:
+            raise typer.BadParameter("--resume needs --out RUN_DIR and uses that run's config.yaml "
+                                     "(change e.g. the epochs with --set train.epochs=N), not --config")
+        cfg = cfgmod.load(out / "config.yaml", set_)
+    else:
+        cfg = cfgmod.load(config, set_)
+    if out is None:
+        out = Path("runs") / f"{cfg.data.name}-{cfg.loss.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = Trainer(cfg, out, resume=resume, overwrite=overwrite, progress=progress).fit()
+    out_console.print(metrics_table({**summary["baselines"], "trained": summary["test"]}, f"test metrics ({cfg.data.name})"))
+    out_console.print(selection_text(summary["selected"]))
+    out_console.print(f"run folder: {out}\nreport: {out / 'report' / 'report.html'}")
+
+
+@app.command()
+@friendly
+def evaluate(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="A run folder written by `deepmetric train`.")] = None,
+    checkpoint: Annotated[str, typer.Option(help="Which checkpoint of the run: best or last.")] = "best",
+    embeddings: Annotated[Optional[Path], typer.Option(help="Embeddings file (.npy, .npz or .pt) instead of a run.")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Labels file for --embeddings.")] = None,
+    query_embeddings: Annotated[Optional[Path], typer.Option(help="Separate query embeddings (else leave-one-out).")] = None,
+    query_labels: Annotated[Optional[Path], typer.Option(help="Labels of --query-embeddings.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Where to write the metrics as JSON.")] = None,
+) -> None:
+    """Evaluate a run's checkpoint on its test split, or embeddings stored in files."""
+    from deepmetric import evaluation
+
+    if (run_dir is None) == (embeddings is None):
+        raise typer.BadParameter("give either RUN_DIR or --embeddings (with --labels)")
+    if embeddings is not None:
+        if labels is None:
+            raise typer.BadParameter("--embeddings needs --labels")
+        results = evaluation.evaluate_files(embeddings, labels, query_embeddings, query_labels)
+        json_out = json_out or embeddings.with_suffix(".metrics.json")
+        title = str(embeddings)
+    else:
+        from deepmetric.training.evaluate_run import evaluate_run
+
+        results = evaluate_run(run_dir, checkpoint)
+        json_out = json_out or run_dir / f"eval_{checkpoint}.json"
+        title = f"{run_dir} ({checkpoint} checkpoint)"
+    out_console.print(metrics_table({"embedding": results}, title))
+    json_out.write_text(json.dumps(results, indent=2))
+    out_console.print(f"wrote {json_out}")
+
+
+class Kind(str, Enum):
+    losses = "losses"
+    miners = "miners"
+    datasets = "datasets"
+    backbones = "backbones"
+
+
+@app.command("list")
+@friendly
+def list_(kind: Annotated[Kind, typer.Argument(help="What to list.")]) -> None:
+    """List registered losses, miners, data sets or backbones."""
+    from deepmetric import data, losses, miners, models
+
+    registry = {"losses": losses.LOSSES, "miners": miners.MINERS, "datasets": data.DATASETS,
+                "backbones": models.BACKBONES}[kind.value]
+    table = Table(title=kind.value)
+    table.add_column("name")
+    table.add_column("description")
+    for name in registry.available():
+        doc = (registry.get(name).__doc__ or "").strip().splitlines()
+        table.add_row(name, doc[0] if doc else "")
+    out_console.print(table)
+    if kind is Kind.backbones:
+        out_console.print("Any timm or torchvision model name works too (e.g. resnet50, vit_small_patch16_224); "
+                          "prefix 'timm:' or 'torchvision:' to pick the library.")
+
+
+@config_app.command("show")
+@friendly
+def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved configuration (defaults + file + overrides) as YAML."""
+    from deepmetric.training import config as cfgmod
+
+    cfg = cfgmod.load(config, set_)
+    cfgmod.check_components(cfg)
+    typer.echo(cfgmod.dump(cfg), nl=False)
+
+
+@app.command()
+@friendly
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/demo"),
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Train multi-similarity on `digits` (CPU, ~1 min) and compare raw pixels, untrained and trained embeddings."""
+    from deepmetric.training.demo import run_demo
+
+    summary = run_demo(out, overwrite=overwrite, overrides=set_ or [])
+    from deepmetric.training.report import selection_text
+
+    rows = {**summary["baselines"], "trained embedding": summary["test"]}
+    out_console.print(metrics_table(rows, "digits: unseen classes 5-9, leave-one-out retrieval"))
+    out_console.print(selection_text(summary["selected"]))
+    out_console.print(f"report: {out / 'report' / 'report.html'}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

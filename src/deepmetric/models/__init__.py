@@ -1,0 +1,14 @@
+"""Models: backbones (registry) and the embedding head.
+
+``build(name, pretrained=False, pretrained_path=None, **kwargs)`` returns a backbone: an ``nn.Module``
+mapping inputs to features ``[B, F]`` with attribute ``num_features``. Names are looked up in this
+order: deepmetric's own registry (``small_cnn``), timm, torchvision; force one with a ``timm:`` or
+``torchvision:`` prefix. ``available()`` lists the registered names (timm and torchvision names come on top).
+"""
+
+from __future__ import annotations
+
+from deepmetric.models.backbones import BACKBONES, build, available
+from deepmetric.models.head import EmbeddingHead, EmbeddingModel
+
+__all__ = ["BACKBONES", "build", "available", "EmbeddingHead", "EmbeddingModel"]

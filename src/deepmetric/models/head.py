@@ -1,0 +1,47 @@
+"""The embedding head and the full embedding model (backbone -> head)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class EmbeddingHead(nn.Module):
+    """``z = W f + b`` to ``embedding_size``, then optional BatchNorm1d and optional L2-normalisation."""
+
+    def __init__(self, in_features: int, embedding_size: int = 128, batch_norm: bool = False, normalize: bool = True):
+        super().__init__()
+        self.embedding_size, self.normalize = embedding_size, normalize
+        self.linear = nn.Linear(in_features, embedding_size)
+        self.bn = nn.BatchNorm1d(embedding_size) if batch_norm else nn.Identity()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        z = self.bn(self.linear(features))
+        return F.normalize(z, dim=-1) if self.normalize else z
+
+
+class EmbeddingModel(nn.Module):
+    """``head(backbone(x))``. ``freeze_bn`` keeps every BatchNorm of the backbone in eval mode while training
+    (running statistics and affine weights frozen), as DML papers do with ImageNet backbones."""
+
+    def __init__(self, backbone: nn.Module, head: EmbeddingHead, freeze_bn: bool = False):
+        super().__init__()
+        self.backbone, self.head, self.freeze_bn = backbone, head, freeze_bn
+        if freeze_bn:
+            for m in self._backbone_bns():
+                for p in m.parameters():
+                    p.requires_grad_(False)
+
+    def _backbone_bns(self):
+        return (m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+    def train(self, mode: bool = True) -> EmbeddingModel:
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for m in self._backbone_bns():
+                m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))

@@ -1,0 +1,76 @@
+"""Turning a validated :class:`RunConfig` into data splits, a model, a loss and a miner."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from deepmetric import data, losses, miners, models
+from deepmetric.data.base import MetricDataset, select_classes, split_classes
+from deepmetric.models import EmbeddingHead, EmbeddingModel
+from deepmetric.training.config import RunConfig, check_components
+
+
+@dataclass
+class Splits:
+    """``train`` is what the sampler draws from; ``val`` (optional) holds training classes held out for
+    checkpoint selection; evaluation is leave-one-out on ``test`` or ``query`` vs ``gallery``."""
+
+    train: MetricDataset
+    val: MetricDataset | None
+    test: MetricDataset | None
+    query: MetricDataset | None = None
+    gallery: MetricDataset | None = None
+
+
+def _data(cfg: RunConfig, split: str, augment: bool | None = None) -> MetricDataset:
+    kwargs = dict(cfg.data.kwargs)
+    if augment is not None and "augment" in data.DATASETS.parameters(cfg.data.name):
+        kwargs["augment"] = augment
+    return data.build(cfg.data.name, root=cfg.data.root, split=split, **kwargs)
+
+
+def build_splits(cfg: RunConfig) -> Splits:
+    train = _data(cfg, cfg.data.train_split)
+    val = None
+    if cfg.data.val_classes:
+        kept, held = split_classes(train.labels, cfg.data.val_classes, seed=cfg.seed)
+        val = select_classes(_data(cfg, cfg.data.train_split, augment=False), held)
+        train = select_classes(train, kept)
+    if cfg.data.query_split or cfg.data.gallery_split:
+        return Splits(train, val, None, _data(cfg, cfg.data.query_split), _data(cfg, cfg.data.gallery_split))
+    return Splits(train, val, _data(cfg, cfg.data.test_split))
+
+
+def build_model(cfg: RunConfig) -> EmbeddingModel:
+    m = cfg.model
+    backbone = models.build(m.backbone, pretrained=m.pretrained, pretrained_path=m.pretrained_path, **m.backbone_kwargs)
+    head = EmbeddingHead(backbone.num_features, m.embedding_size, batch_norm=m.batch_norm, normalize=m.normalize)
+    return EmbeddingModel(backbone, head, freeze_bn=m.freeze_bn)
+
+
+def build_loss(cfg: RunConfig, num_classes: int) -> nn.Module:
+    """Build the loss; ``num_classes`` / ``embedding_size`` are filled in for proxy losses that take them."""
+    kwargs = cfg.loss.kwargs()
+    params = inspect.signature(losses.LOSSES.get(cfg.loss.name)).parameters
+    if "num_classes" in params:
+        kwargs.setdefault("num_classes", num_classes)
+    if "embedding_size" in params:
+        kwargs.setdefault("embedding_size", cfg.model.embedding_size)
+    return losses.build(cfg.loss.name, **kwargs)
+
+
+def build_miner(cfg: RunConfig) -> nn.Module | None:
+    return miners.build(cfg.miner.name, **cfg.miner.kwargs()) if cfg.miner.name else None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+__all__ = ["Splits", "build_splits", "build_model", "build_loss", "build_miner", "resolve_device", "check_components"]

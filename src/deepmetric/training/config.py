@@ -1,0 +1,231 @@
+"""Run configuration: YAML validated by a pydantic schema, with ``--set a.b=value`` overrides.
+
+Every section forbids unknown keys, so a typo is an error naming the key and the valid choices.
+Components named by registry key (``loss.name``, ``miner.name``, ``data.name``, ``model.backbone``) take
+their hyper-parameters as extra keys of the same section; those are checked against the component's
+constructor when the run is built (:func:`check_components`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from deepmetric.errors import ConfigError, suggest
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Component(BaseModel):
+    """A section naming a registered component; extra keys are its constructor keywords."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    name: str
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataConfig(Section):
+    name: str = "digits"
+    root: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    query_split: str | None = Field(None, description="separate query/gallery evaluation (In-Shop)")
+    gallery_split: str | None = None
+    val_classes: int | float = Field(
+        0, description="training classes held out (class-disjoint) to select the checkpoint; 0 = none"
+    )
+    num_workers: int = Field(0, ge=0)
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keywords for the data set")
+
+
+class SamplerConfig(Section):
+    batch_size: int = Field(64, ge=2)
+    m: int = Field(16, ge=1, description="samples per class in a batch")
+
+
+class ModelConfig(Section):
+    backbone: str = "small_cnn"
+    pretrained: bool = False
+    pretrained_path: str | None = None
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+    embedding_size: int = Field(64, ge=1)
+    batch_norm: bool = False
+    normalize: bool = True
+    freeze_bn: bool = False
+
+
+class LossConfig(Component):
+    name: str = "multi_similarity"
+
+
+class MinerConfig(Component):
+    name: str | None = None  # type: ignore[assignment]
+
+
+class OptimizerConfig(Section):
+    name: Literal["adamw", "sgd", "adam", "rmsprop"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0)
+    backbone_lr_mult: float = Field(1.0, ge=0)
+    head_lr_mult: float = Field(1.0, ge=0)
+    loss_lr_mult: float = Field(1.0, ge=0, description="learning-rate multiplier of loss parameters (proxies)")
+    grad_clip: float | None = Field(None, gt=0, description="max global gradient norm; null = no clipping")
+
+
+class ScheduleConfig(Section):
+    name: Literal["constant", "cosine", "step"] = "cosine"
+    warmup_epochs: float = Field(0, ge=0)
+    step_epochs: int = Field(10, ge=1, description="step schedule: decay every this many epochs")
+    gamma: float = Field(0.1, gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of the peak lr")
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=1)
+    iterations_per_epoch: int | None = Field(None, ge=1, description="default: one pass of the sampler")
+    amp: bool = Field(True, description="mixed precision; used on CUDA only")
+    eval_every: int = Field(1, ge=1)
+    select_metric: str = "map@r"
+    select_on: Literal["auto", "val", "last", "test"] = Field(
+        "auto",
+        description="split whose select_metric picks the reported checkpoint: auto = val if data.val_classes "
+        "else last (no selection); 'test' selects on the test classes and every report flags it",
+    )
+    checkpoint_every: int = Field(1, ge=1)
+    log_every: int = Field(10, ge=1)
+
+
+class EvalConfig(Section):
+    ks: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
+    distance: Literal["cosine", "euclidean"] = "cosine"
+    batch_size: int = Field(256, ge=1)
+    tsne: bool = Field(True, description="2-D t-SNE map of the test embeddings in the report")
+
+
+class RunConfig(Section):
+    seed: int = 0
+    deterministic: bool = False
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    data: DataConfig = Field(default_factory=DataConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    miner: MinerConfig = Field(default_factory=MinerConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> RunConfig:
+        if self.sampler.batch_size % self.sampler.m:
+            raise ValueError(f"sampler.batch_size ({self.sampler.batch_size}) must be a multiple of sampler.m ({self.sampler.m})")
+        return self
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _section_for(loc: tuple) -> type[BaseModel]:
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            break
+    return model
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            valid = _field_names(_section_for(loc))
+            lines.append(f"unknown key '{key}'.{suggest(str(loc[-1]), valid)} Valid keys here: {', '.join(valid)}")
+        elif not loc:
+            lines.append(e["msg"].removeprefix("Value error, "))
+        else:
+            lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def validate(raw: dict[str, Any]) -> RunConfig:
+    """Validate a plain dict into a :class:`RunConfig`, raising :class:`ConfigError` with readable messages."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a configuration must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=value"`` -> (["a", "b"], value parsed as YAML: numbers, booleans, null, lists)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value (e.g. train.epochs=5), got {item!r}")
+    key, value = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to a raw (unvalidated) config dict, in place; returns it."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML file (or start from the defaults when ``path`` is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+    return validate(apply_overrides(raw, overrides or []))
+
+
+def dump(config: RunConfig) -> str:
+    """The resolved configuration as YAML (what a run folder stores as ``config.yaml``)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def check_components(config: RunConfig) -> None:
+    """Check registry names and their extra keywords (loss, miner, data set) without building anything heavy."""
+    from deepmetric import data, losses, miners
+
+    losses.LOSSES.check_kwargs(config.loss.name, config.loss.kwargs())
+    if config.miner.name is not None:
+        miners.MINERS.check_kwargs(config.miner.name, config.miner.kwargs())
+    elif config.miner.kwargs():
+        raise ConfigError(f"miner options {sorted(config.miner.kwargs())} given but miner.name is not set")
+    data.DATASETS.get(config.data.name)

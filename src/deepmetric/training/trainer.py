@@ -1,0 +1,268 @@
+"""The training loop: plain, with explicit hooks, exact resume and honest checkpoint selection.
+
+One epoch = the sampler's batches (or ``train.iterations_per_epoch``). After every ``eval_every``
+epochs the model is evaluated on the validation classes (if any) and on the test classes; the
+reported checkpoint is chosen by ``train.select_metric`` on the split ``train.select_on`` names
+(validation classes carved from the training classes by default when ``data.val_classes`` is set;
+never the test classes unless asked, and then every report says so).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from deepmetric import evaluation
+from deepmetric.errors import ConfigError, TrainingDivergedError
+from deepmetric.samplers import MPerClassSampler
+from deepmetric.training import checkpoint, runfolder
+from deepmetric.training.build import build_loss, build_miner, build_model, build_splits, check_components, resolve_device
+from deepmetric.training.config import RunConfig, dump
+from deepmetric.training.embed import embed
+from deepmetric.training.hooks import Hook
+from deepmetric.training.optim import build_optimizer, build_scheduler
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+class Trainer:
+    """Train ``config`` into the run folder ``out``. ``fit()`` returns the summary dict (also ``summary.json``)."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        out: str | Path,
+        hooks: Sequence[Hook] = (),
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+        baselines: dict[str, dict[str, float]] | None = None,
+    ):
+        check_components(config)
+        self.config, self.out, self.hooks, self.progress = config, Path(out), list(hooks), progress
+        self.baselines = dict(baselines or {})  # name -> test metrics of reference embeddings (e.g. raw pixels)
+        runfolder.prepare(self.out, resume=resume, overwrite=overwrite)
+        self.resume = resume
+        seed_everything(config.seed, config.deterministic)
+        self.device = resolve_device(config.device)
+
+        self.splits = build_splits(config)
+        train_labels = torch.as_tensor(self.splits.train.labels)
+        classes = torch.unique(train_labels)
+        # losses index proxies by label: map the training classes to 0..C-1
+        self.label_map = torch.full((int(classes.max()) + 1,), -1, dtype=torch.long)
+        self.label_map[classes] = torch.arange(classes.numel())
+        self.sampler = MPerClassSampler(train_labels.numpy(), config.sampler.m, config.sampler.batch_size, config.seed)
+        self.loader = DataLoader(
+            self.splits.train, batch_sampler=self.sampler, num_workers=config.data.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=config.data.num_workers > 0,
+        )
+        self.iters_per_epoch = config.train.iterations_per_epoch or len(self.sampler)
+
+        self.model = build_model(config).to(self.device)
+        self.loss_fn = build_loss(config, num_classes=classes.numel()).to(self.device)
+        self.miner = build_miner(config)
+        self.optimizer = build_optimizer(self.model, self.loss_fn, config.optimizer)
+        total = config.train.epochs * self.iters_per_epoch
+        self.scheduler = build_scheduler(self.optimizer, total, self.iters_per_epoch, config.schedule)
+        self.use_amp = config.train.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+
+        select_on = config.train.select_on
+        if select_on == "auto":
+            select_on = "val" if self.splits.val is not None else "last"
+        if select_on == "val" and self.splits.val is None:
+            raise ConfigError("train.select_on=val needs a validation split: set data.val_classes (e.g. 2 or 0.2)")
+        self.select_on = select_on
+        self.epoch = 0  # completed epochs
+        self.best: dict[str, Any] | None = None
+
+    # ----------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Metrics of the current model on the validation split (if any) and the test split."""
+        cfg, results = self.config.eval, {}
+        kw = dict(ks=tuple(cfg.ks), distance=cfg.distance)
+        run = lambda ds: embed(self.model, ds, cfg.batch_size, self.device, amp=self.use_amp)  # noqa: E731
+        if self.splits.val is not None:
+            results["val"] = evaluation.evaluate(*run(self.splits.val), **kw)
+        if self.splits.test is not None:
+            results["test"] = evaluation.evaluate(*run(self.splits.test), **kw)
+        else:
+            q, g = run(self.splits.query), run(self.splits.gallery)
+            results["test"] = evaluation.evaluate(g[0], g[1], query_embeddings=q[0], query_labels=q[1], **kw)
+        for split, metrics in results.items():
+            if self.config.train.select_metric not in metrics:
+                raise ConfigError(
+                    f"train.select_metric {self.config.train.select_metric!r} is not computed; "
+                    f"available: {', '.join(sorted(metrics))}"
+                )
+        return results
+
+    # ----------------------------------------------------------------- checkpoints
+    def _state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "config": self.config.model_dump(mode="json"),
+            "model": self.model.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "best": self.best,
+            "hooks": [h.state_dict() for h in self.hooks],
+        }
+
+    def _load(self, path: Path) -> None:
+        state = checkpoint.load(path, self.device)
+        self.model.load_state_dict(state["model"])
+        self.loss_fn.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        for hook, hook_state in zip(self.hooks, state["hooks"]):
+            hook.load_state_dict(hook_state)
+        self.epoch, self.best = state["epoch"], state["best"]
+        checkpoint.set_rng_state(state["rng"])
+
+    # ----------------------------------------------------------------- training
+    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, pass_ = 0, 0
+        while True:
+            self.sampler.set_epoch(epoch, pass_)
+            for batch in self.loader:
+                yield batch
+                n += 1
+                if n == self.iters_per_epoch:
+                    return
+            pass_ += 1
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        x = x.to(self.device, non_blocking=True)
+        y = self.label_map[y].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, enabled=self.use_amp):
+            emb = self.model(x)
+        indices = self.miner(emb, y) if self.miner is not None else None
+        loss = self.loss_fn(emb, y, indices)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.config.optimizer.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.config.optimizer.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach()
+
+    def _diverged(self, epoch: int, iteration: int) -> TrainingDivergedError:
+        last = self.out / "checkpoints" / "last.pt"
+        kept = f"the last good checkpoint is {last} (epoch {self.epoch})" if last.is_file() else "no checkpoint was written yet"
+        runfolder.append_record(self.out, {"epoch": epoch, "event": "diverged", "iteration": iteration})
+        return TrainingDivergedError(
+            f"the training loss became NaN/Inf at epoch {epoch}, iteration {iteration} "
+            f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); {kept}. Try a lower optimizer.lr, "
+            "optimizer.grad_clip, or train.amp=false, then --resume or --overwrite."
+        )
+
+    def _train_epoch(self, epoch: int, bar) -> dict[str, float]:
+        self.model.train()
+        self.loss_fn.train()
+        losses, start, seen = [], time.perf_counter(), 0
+        for it, (x, y) in enumerate(self._batches(epoch)):
+            loss = self._step(x, y)
+            value = float(loss)
+            if not math.isfinite(value):
+                raise self._diverged(epoch, it)
+            losses.append(value)
+            seen += len(y)
+            for hook in self.hooks:
+                hook.on_batch_end(self, epoch, it, value)
+            if bar is not None:
+                bar.update(value, self.optimizer.param_groups[0]["lr"], seen / (time.perf_counter() - start))
+        elapsed = time.perf_counter() - start
+        return {"loss": float(np.mean(losses)), "lr": self.optimizer.param_groups[0]["lr"],
+                "samples_per_s": seen / elapsed, "seconds": elapsed}
+
+    def _select(self, epoch: int, results: dict[str, dict[str, float]]) -> None:
+        metric = self.config.train.select_metric
+        if self.select_on == "last":
+            self.best = {"split": "last", "metric": metric, "epoch": epoch, "value": None}
+            return
+        value = results[self.select_on][metric]
+        if self.best is None or value > self.best["value"]:
+            self.best = {"split": self.select_on, "metric": metric, "epoch": epoch, "value": value}
+            checkpoint.save(self.out / "checkpoints" / "best.pt", self._state())
+
+    def fit(self) -> dict[str, Any]:
+        from deepmetric.training.progress import EpochBar
+        cfg = self.config.train
+        if self.resume:
+            self._load(self.out / "checkpoints" / "last.pt")
+            runfolder.truncate_records(self.out, self.epoch + 1)
+        else:
+            (self.out / "config.yaml").write_text(dump(self.config))
+            results = self.evaluate()
+            runfolder.append_record(self.out, {"epoch": 0, **{f"{s}/{k}": v for s, m in results.items() for k, v in m.items()}})
+        for hook in self.hooks:
+            hook.on_train_start(self)
+        for epoch in range(self.epoch + 1, cfg.epochs + 1):
+            for hook in self.hooks:
+                hook.on_epoch_start(self, epoch)
+            with EpochBar(epoch, cfg.epochs, self.iters_per_epoch, enabled=self.progress) as bar:
+                record: dict[str, Any] = {"epoch": epoch, **{f"train/{k}": v for k, v in self._train_epoch(epoch, bar).items()}}
+            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                results = self.evaluate()
+                record.update({f"{s}/{k}": v for s, m in results.items() for k, v in m.items()})
+                self.epoch = epoch
+                self._select(epoch, results)
+            self.epoch = epoch
+            for hook in self.hooks:
+                hook.on_epoch_end(self, epoch, record)
+            runfolder.append_record(self.out, record)
+            if self.progress:
+                EpochBar.print_summary(record, cfg.epochs, cfg.select_metric)
+            if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+                checkpoint.save(self.out / "checkpoints" / "last.pt", self._state())
+        for hook in self.hooks:
+            hook.on_train_end(self)
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        """Load the selected checkpoint, evaluate it on the test split, write ``summary.json`` and the report."""
+        from deepmetric.training.report import write_report
+
+        if self.best and self.best["split"] in ("val", "test"):
+            self.model.load_state_dict(checkpoint.load(self.out / "checkpoints" / "best.pt", self.device)["model"])
+        results = self.evaluate()
+        initial = next(r for r in runfolder.read_records(self.out) if r["epoch"] == 0)
+        untrained = {k.split("/", 1)[1]: v for k, v in initial.items() if k.startswith("test/")}
+        summary = {
+            "test": results["test"],
+            "selected": self.best,
+            "baselines": {**self.baselines, "untrained network": untrained},
+            "config": self.config.model_dump(mode="json"),
+        }
+        if "val" in results:
+            summary["val"] = results["val"]
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        test = self.splits.test if self.splits.test is not None else self.splits.gallery
+        write_report(self.out, embeddings=embed(self.model, test, self.config.eval.batch_size, self.device)
+                     if self.config.eval.tsne else None, class_names=test.classes)
+        return summary
