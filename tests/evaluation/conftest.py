@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 
 def reference_metrics(g, yg, q=None, yq=None, *, ks=(1, 2, 4, 8), distance="cosine", lone="skip"):
@@ -53,6 +54,15 @@ def reference_metrics(g, yg, q=None, yq=None, *, ks=(1, 2, 4, 8), distance="cosi
     out = {key: float(np.mean(v)) for key, v in per_query.items()}
     out["n_lone_queries"] = n_lone
     return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP wake-up latency on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

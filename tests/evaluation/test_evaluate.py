@@ -140,3 +140,17 @@ def test_all_lone_gives_nan_with_warning():
 
 def test_metrics_constant_lists_every_family():
     assert set(METRICS) == {"recall@k", "precision@k", "ndcg@k", "r_precision", "map@r", "map", "nmi", "ami", "f1"}
+
+
+def test_equals_pytorch_metric_learning(data):
+    """precision_at_1, r_precision and MAP@R equal PML's AccuracyCalculator (no ties in this data)."""
+    pml = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+    x, y = data("clustered", n=400, d=16)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)  # PML ranks by L2: identical to cosine here
+    calc = pml.AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
+                                  k="max_bin_count", device=torch.device("cpu"))
+    want = calc.get_accuracy(torch.from_numpy(x), torch.from_numpy(y))
+    got = evaluate(x, y, metrics=["recall@1", "r_precision", "map@r"])
+    assert got["recall@1"] == pytest.approx(want["precision_at_1"], abs=1e-6)
+    assert got["r_precision"] == pytest.approx(want["r_precision"], abs=1e-6)
+    assert got["map@r"] == pytest.approx(want["mean_average_precision_at_r"], abs=1e-6)

@@ -29,7 +29,7 @@ RETRIEVAL = (*RETRIEVAL_AT_K, "r_precision", "map@r", "map")
 CLUSTERING = ("nmi", "ami", "f1")
 METRICS = (*RETRIEVAL, *CLUSTERING)
 LONE_QUERIES = ("skip", "miss")
-_AP_BYTES = 64  # per ranked candidate in the full-ranking AP pass (keys, sort, gathers)
+_AP_BYTES = 16  # per selected score in the full-ranking AP pass (partition copy, sort)
 
 
 def _as_tensor(x, name: str) -> torch.Tensor:
@@ -107,20 +107,21 @@ def _ranking_pass(q, g, q_codes, g_codes, n_classes, n_rel, k, families, ks, dis
         rel = g_codes[idx] == q_codes.unsqueeze(1) if k else q_codes.new_zeros((len(q_codes), 0), dtype=torch.bool)
         return _per_query(rel, n_rel, families, ks)
     q_op, g_op = score_operands(q, distance, "query"), score_operands(gal, distance, "gallery")
-    order = torch.argsort(g_codes, stable=True)
     ptr = torch.cat([g_codes.new_zeros(1), torch.bincount(g_codes, minlength=n_classes).cumsum(0)])
+    self_index = torch.arange(len(q_codes), device=q_codes.device) if loo else None
+    rows, cols = retrieval.relevant_pairs(q_codes, torch.argsort(g_codes, stable=True), ptr, self_index)
+    bounds = torch.cat([n_rel.new_zeros(1), n_rel.cumsum(0)]).tolist()
     parts = []
     for start, s in score_chunks(q_op, g_op, exclude_self=loo, rows=chunk_rows(gal.shape[0], budget)):
         stop = start + s.shape[0]
         qc = q_codes[start:stop]
-        self_index = torch.arange(start, stop, device=s.device) if loo else None
-        pairs = retrieval.relevant_pairs(qc, order, ptr, self_index)
         if k:
             rel = g_codes[topk_scores(s, k)[1]] == qc.unsqueeze(1)
         else:
             rel = qc.new_zeros((len(qc), 0), dtype=torch.bool)
         values = _per_query(rel, n_rel[start:stop], families, ks)
-        values["map"] = retrieval.average_precision(s, qc, g_codes, pairs, n_rel[start:stop], budget // _AP_BYTES)
+        pairs = rows[bounds[start] : bounds[stop]] - start, cols[bounds[start] : bounds[stop]]
+        values["map"] = retrieval.average_precision(s, pairs, n_rel[start:stop], budget // _AP_BYTES)
         parts.append(values)
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
