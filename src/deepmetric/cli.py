@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 import json
 import time
 from enum import Enum
@@ -19,8 +20,8 @@ app = typer.Typer(help="Deep metric learning: train, evaluate and inspect embedd
                   pretty_exceptions_enable=False)
 config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-out_console = Console()
-err_console = Console(stderr=True)
+out_console = Console(width=None if sys.stdout.isatty() else 120, soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: the built-in digits config).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key, e.g. --set train.epochs=5 (repeatable).")]

@@ -9,7 +9,7 @@ import torch
 
 from deepmetric.data import register
 from deepmetric.data.base import MetricDataset
-from deepmetric.errors import DataError
+from deepmetric.errors import DataError, DeepMetricError
 from deepmetric.validation import as_int_labels
 
 
@@ -55,6 +55,6 @@ def load_features(root: str | None = None, split: str = "train") -> FeaturesData
                 )
             return FeaturesDataset(npz[fk], npz[lk])
     except (ValueError, OSError) as exc:
-        if isinstance(exc, DataError):
+        if isinstance(exc, DeepMetricError):
             raise
         raise DataError(f"cannot read {path} as a .npz file: {exc}") from exc

@@ -66,7 +66,7 @@ def _timm(name: str, pretrained: bool, pretrained_path: str | None, **kwargs: An
             name, pretrained=pretrained or bool(pretrained_path), num_classes=0,
             pretrained_cfg_overlay=overlay, **kwargs,
         )
-    except (OSError, RuntimeError, ValueError, ConnectionError) as exc:
+    except Exception as exc:  # noqa: BLE001 - hub, network, pickle and shape errors all mean "no weights"
         if pretrained or pretrained_path:
             raise _weights_error(name, "timm", exc) from exc
         raise
@@ -98,7 +98,7 @@ def _torchvision(name: str, pretrained: bool, pretrained_path: str | None, **kwa
         model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained and not pretrained_path else None, **kwargs)
         if pretrained_path:
             model.load_state_dict(torch.load(Path(pretrained_path), map_location="cpu", weights_only=True))
-    except (OSError, RuntimeError, ValueError, ConnectionError) as exc:
+    except Exception as exc:  # noqa: BLE001 - hub, network, pickle and shape errors all mean "no weights"
         if pretrained or pretrained_path:
             raise _weights_error(name, "torchvision", exc) from exc
         raise

@@ -71,7 +71,7 @@ class MinerConfig(Component):
 
 class OptimizerConfig(Section):
     name: Literal["adamw", "sgd", "adam", "rmsprop"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0)
     backbone_lr_mult: float = Field(1.0, ge=0)
@@ -89,7 +89,7 @@ class ScheduleConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(20, ge=1)
     iterations_per_epoch: int | None = Field(None, ge=1, description="default: one pass of the sampler")
     amp: bool = Field(True, description="mixed precision; used on CUDA only")
     eval_every: int = Field(1, ge=1)

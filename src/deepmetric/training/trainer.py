@@ -153,11 +153,14 @@ class Trainer:
                     return
             pass_ += 1
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimisation step; returns the detached loss, or a NaN loss (and no step) if the embeddings are not finite."""
         x = x.to(self.device, non_blocking=True)
         y = self.label_map[y].to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, enabled=self.use_amp):
             emb = self.model(x)
+        if not bool(torch.isfinite(emb).all()):
+            return torch.tensor(float("nan"))
         indices = self.miner(emb, y) if self.miner is not None else None
         loss = self.loss_fn(emb, y, indices)
         self.optimizer.zero_grad(set_to_none=True)

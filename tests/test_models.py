@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from deepmetric import models
+from deepmetric.errors import BackboneWeightsError, UnknownNameError
+from deepmetric.models import EmbeddingHead, EmbeddingModel
+
+
+@pytest.mark.parametrize("pool,features", [("avg", 128), ("flatten", 1024)])
+def test_small_cnn(pool, features):
+    net = models.build("small_cnn", pool=pool)
+    assert net.num_features == features
+    assert net(torch.zeros(3, 1, 8, 8)).shape == (3, features)
+    assert "small_cnn" in models.available()
+
+
+def test_timm_and_torchvision_by_name():
+    timm_net = models.build("resnet18")
+    assert timm_net(torch.zeros(2, 3, 32, 32)).shape == (2, timm_net.num_features) == (2, 512)
+    tv = models.build("torchvision:mobilenet_v3_small")
+    assert tv(torch.zeros(2, 3, 32, 32)).shape == (2, tv.num_features)
+
+
+def test_unknown_backbone_suggests():
+    with pytest.raises(UnknownNameError, match="Did you mean 'resnet50'"):
+        models.build("resnet5O")
+    with pytest.raises(UnknownNameError, match="source"):
+        models.build("keras:resnet50")
+
+
+def test_torchvision_pretrained_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache; no network here
+    with pytest.raises(BackboneWeightsError, match="pretrained_path"):
+        models.build("torchvision:resnet18", pretrained=True)
+    with pytest.raises(BackboneWeightsError, match="no pretrained weights"):
+        models.build("small_cnn", pretrained=True)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "torchvision:resnet18"])
+def test_pretrained_from_a_local_file(tmp_path, name):
+    """The library's normal weight loading, fed a weight file the test writes (no download)."""
+    src = models.build(name)
+    path = tmp_path / "weights.pth"
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        full = torchvision.models.resnet18()
+        torch.nn.init.constant_(full.conv1.weight, 0.5)
+        torch.save(full.state_dict(), path)
+    else:
+        torch.nn.init.constant_(src.conv1.weight, 0.5)
+        torch.save(src.state_dict(), path)
+    loaded = models.build(name, pretrained=True, pretrained_path=str(path))
+    assert torch.all(loaded.conv1.weight == 0.5)
+    with pytest.raises(BackboneWeightsError):
+        (tmp_path / "bad.pth").write_bytes(b"junk")
+        models.build(name, pretrained=True, pretrained_path=str(tmp_path / "bad.pth"))
+
+
+def test_head_and_frozen_bn():
+    head = EmbeddingHead(128, 16, batch_norm=True, normalize=True)
+    model = EmbeddingModel(models.build("small_cnn"), head, freeze_bn=True)
+    model.train()
+    z = model(torch.randn(4, 1, 8, 8))
+    assert z.shape == (4, 16) and torch.allclose(z.norm(dim=1), torch.ones(4), atol=1e-5)
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not m.training and not m.weight.requires_grad for m in bns)
+    assert head.bn.training  # the head's BN is not frozen
+    raw = EmbeddingHead(8, 4, normalize=False)(torch.ones(2, 8) * 10)
+    assert not torch.allclose(raw.norm(dim=1), torch.ones(2))
