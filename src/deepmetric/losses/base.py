@@ -72,6 +72,8 @@ def prepare(
         return Batch(as_compute_dtype(embeddings), labels, None, labels)
     check_embeddings(ref_embeddings, "ref_embeddings")
     check_labels(ref_labels, ref_embeddings.shape[0], "ref_labels")
+    if ref_embeddings.shape[0] == 0:
+        raise InputError("ref_embeddings is empty (e.g. a cross-batch memory before its first enqueue)")
     if ref_embeddings.shape[1] != embeddings.shape[1]:
         raise InputError(
             f"ref_embeddings have dimension {ref_embeddings.shape[1]} but embeddings have "

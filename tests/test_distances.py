@@ -1,0 +1,81 @@
+"""Distances: values against torch references, safe gradients at zero distance, chunking, dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepmetric import distances
+from deepmetric.errors import UnknownNameError
+
+
+def data(n=7, m=5, d=4, dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, d, generator=g, dtype=dtype), torch.randn(m, d, generator=g, dtype=dtype)
+
+
+def test_registry():
+    assert distances.available() == ["cosine", "euclidean", "squared_euclidean"]
+    with pytest.raises(UnknownNameError, match="euclidean"):
+        distances.build("euclidian")
+    assert distances.build("cosine").is_similarity and not distances.build("euclidean").is_similarity
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_values(normalize):
+    x, y = data()
+    xn, yn = (F.normalize(x, dim=1), F.normalize(y, dim=1)) if normalize else (x, y)
+    torch.testing.assert_close(distances.build("euclidean", normalize=normalize)(x, y), torch.cdist(xn, yn))
+    torch.testing.assert_close(distances.build("squared_euclidean", normalize=normalize)(x, y), torch.cdist(xn, yn) ** 2)
+    torch.testing.assert_close(distances.build("euclidean", normalize=normalize)(x), torch.cdist(xn, xn), atol=1e-7, rtol=0)
+    torch.testing.assert_close(distances.build("cosine")(x, y), F.normalize(x, dim=1) @ F.normalize(y, dim=1).T)
+    assert (distances.build("euclidean")(x).diagonal() == 0).all()
+
+
+def test_dissimilarity_orientation():
+    x, y = data()
+    cos = distances.build("cosine")
+    torch.testing.assert_close(cos.dissimilarity(x, y), -cos(x, y))
+    eu = distances.build("euclidean")
+    torch.testing.assert_close(eu.dissimilarity(x, y), eu(x, y))
+
+
+@pytest.mark.parametrize("name", ["euclidean", "squared_euclidean", "cosine"])
+def test_gradcheck_and_symmetric_gram_backward(name):
+    x, y = data(n=4, m=3, d=3)
+    dist = distances.build(name)
+    w = torch.randn(4, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a: (dist(a) * w).sum(), (x.clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda a, b: dist(a, b), (x.clone().requires_grad_(), y.clone().requires_grad_()))
+
+
+def test_euclidean_gradient_finite_at_zero_distance():
+    x = torch.tensor([[1.0, 2.0], [1.0, 2.0], [0.0, 1.0]], requires_grad=True)
+    d = distances.build("euclidean")(x)
+    assert d[0, 1].item() == 0.0
+    d.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    # cross form (y given) at identical rows, too
+    a = torch.tensor([[3.0, -1.0]], requires_grad=True)
+    distances.build("euclidean")(a, a.detach().clone()).sum().backward()
+    assert torch.isfinite(a.grad).all() and (a.grad == 0).all()
+
+
+@pytest.mark.parametrize("name", ["euclidean", "squared_euclidean", "cosine"])
+def test_chunking_same_result(name):
+    x, y = data(n=11, m=6)
+    full = distances.build(name)
+    chunked = distances.build(name, chunk_size=3)
+    torch.testing.assert_close(chunked(x, y), full(x, y))
+    torch.testing.assert_close(chunked(x), full(x), atol=1e-7, rtol=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        distances.build(name, chunk_size=0)
+
+
+def test_half_input_computed_in_float32_and_float64_kept():
+    x, y = data(dtype=torch.float32)
+    out = distances.build("euclidean")(x.half(), y.half())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.cdist(x.half().float(), y.half().float()), rtol=1e-4, atol=1e-4)
+    assert distances.build("cosine")(x.double()).dtype == torch.float64
