@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -44,7 +45,7 @@ def _plot_loss(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_metrics(records: list[dict], selected: dict | None, path: Path) -> None:
+def _plot_metrics(records: list[dict], selected: dict | None, baselines: dict[str, dict], path: Path) -> None:
     rows = [r for r in records if "test/map@r" in r]
     epochs = [r["epoch"] for r in rows]
     keys = [k for k in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r") if f"test/{k}" in rows[0]]
@@ -54,6 +55,10 @@ def _plot_metrics(records: list[dict], selected: dict | None, path: Path) -> Non
                 label=f"test {key}")
     if any("val/map@r" in r for r in rows):
         ax.plot(epochs, [r.get("val/map@r", np.nan) for r in rows], ls="--", color="black", label="val map@r")
+    for name, metrics in baselines.items():
+        if name != "untrained network" and "map@r" in metrics:
+            ax.axhline(metrics["map@r"], color="purple", ls="-.", lw=1, label=f"{name} map@r")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if selected and selected.get("epoch") is not None:
         ax.axvline(selected["epoch"], color="grey", ls=":", label=f"selected (epoch {selected['epoch']})")
     ax.set(xlabel="epoch (0 = untrained)", ylabel="score", ylim=(0, 1.02),
@@ -108,7 +113,7 @@ def write_report(out: Path, embeddings: tuple[torch.Tensor, torch.Tensor] | None
     records = read_records(out)
     summary = json.loads((out / "summary.json").read_text())
     _plot_loss(records, report / "loss.png")
-    _plot_metrics(records, summary.get("selected"), report / "metrics.png")
+    _plot_metrics(records, summary.get("selected"), summary.get("baselines", {}), report / "metrics.png")
     images = ["metrics.png", "loss.png"]
     if embeddings is not None:
         _plot_tsne(*embeddings, class_names, report / "tsne.png")
