@@ -37,8 +37,10 @@ class Interrupt(Hook):
             raise KeyboardInterrupt
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, fast_overrides):
-    c = load(None, fast_overrides + ["train.epochs=3", "train.checkpoint_every=1"])
+@pytest.mark.parametrize("extra", [[], ["memory.size=100", "loss.name=contrastive", "miner.name=batch_hard"]],
+                         ids=["plain", "xbm+miner"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, fast_overrides, extra):
+    c = load(None, fast_overrides + ["train.epochs=3", "train.checkpoint_every=1"] + extra)
     full = Trainer(c, tmp_path / "full", progress=False)
     full.fit()
     with pytest.raises(KeyboardInterrupt):
@@ -52,6 +54,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, fast_overrides):
         assert ra["test/map@r"] == rb["test/map@r"]
     for pa, pb in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(pa, pb)
+    if extra:
+        assert len(resumed.memory) == 100 and torch.equal(full.memory.embeddings, resumed.memory.embeddings)
 
 
 class Poison(Hook):

@@ -69,6 +69,14 @@ class MinerConfig(Component):
     name: str | None = None  # type: ignore[assignment]
 
 
+class MemoryConfig(Section):
+    """Cross-batch memory (XBM; Wang et al. 2020): past embeddings as extra references for the loss."""
+
+    size: int = Field(0, ge=0, description="queue length in samples; 0 = no memory")
+    weight: float = Field(1.0, ge=0, description="weight of the loss against the memory")
+    start_epoch: int = Field(1, ge=1, description="first epoch that uses (and fills) the memory")
+
+
 class OptimizerConfig(Section):
     name: Literal["adamw", "sgd", "adam", "rmsprop"] = "adamw"
     lr: float = Field(3e-4, gt=0)
@@ -119,6 +127,7 @@ class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     miner: MinerConfig = Field(default_factory=MinerConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from deepmetric import evaluation
 from deepmetric.errors import ConfigError, TrainingDivergedError
+from deepmetric.memory import CrossBatchMemory
 from deepmetric.samplers import MPerClassSampler
 from deepmetric.training import checkpoint, runfolder
 from deepmetric.training.build import build_loss, build_miner, build_model, build_splits, check_components, resolve_device
@@ -78,6 +79,8 @@ class Trainer:
         self.model = build_model(config).to(self.device)
         self.loss_fn = build_loss(config, num_classes=classes.numel()).to(self.device)
         self.miner = build_miner(config)
+        self.memory = (CrossBatchMemory(config.memory.size, config.model.embedding_size).to(self.device)
+                       if config.memory.size else None)
         self.optimizer = build_optimizer(self.model, self.loss_fn, config.optimizer)
         total = config.train.epochs * self.iters_per_epoch
         self.scheduler = build_scheduler(self.optimizer, total, self.iters_per_epoch, config.schedule)
@@ -127,6 +130,7 @@ class Trainer:
             "rng": checkpoint.rng_state(),
             "best": self.best,
             "hooks": [h.state_dict() for h in self.hooks],
+            "memory": self.memory.state_dict() if self.memory is not None else None,
         }
 
     def _load(self, path: Path) -> None:
@@ -138,6 +142,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         for hook, hook_state in zip(self.hooks, state["hooks"]):
             hook.load_state_dict(hook_state)
+        if self.memory is not None:
+            self.memory.load_state_dict(state["memory"])
         self.epoch, self.best = state["epoch"], state["best"]
         checkpoint.set_rng_state(state["rng"])
 
@@ -153,7 +159,7 @@ class Trainer:
                     return
             pass_ += 1
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
         """One optimisation step; returns the detached loss, or a NaN loss (and no step) if the embeddings are not finite."""
         x = x.to(self.device, non_blocking=True)
         y = self.label_map[y].to(self.device, non_blocking=True)
@@ -163,6 +169,11 @@ class Trainer:
             return torch.tensor(float("nan"))
         indices = self.miner(emb, y) if self.miner is not None else None
         loss = self.loss_fn(emb, y, indices)
+        if self.memory is not None and epoch >= self.config.memory.start_epoch:
+            if len(self.memory):
+                mem_x, mem_y = self.memory.get()
+                loss = loss + self.config.memory.weight * self.loss_fn(emb, y, ref_embeddings=mem_x, ref_labels=mem_y)
+            self.memory.enqueue(emb, y)  # after the loss: a batch is never its own reference
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.config.optimizer.grad_clip:
@@ -189,7 +200,7 @@ class Trainer:
         self.loss_fn.train()
         losses, start, seen = [], time.perf_counter(), 0
         for it, (x, y) in enumerate(self._batches(epoch)):
-            loss = self._step(x, y)
+            loss = self._step(x, y, epoch)
             value = float(loss)
             if not math.isfinite(value):
                 raise self._diverged(epoch, it)
