@@ -136,8 +136,8 @@ def list_(kind: Annotated[Kind, typer.Argument(help="What to list.")]) -> None:
     table.add_column("name")
     table.add_column("description")
     for name in registry.available():
-        doc = (registry.get(name).__doc__ or "").strip().splitlines()
-        table.add_row(name, doc[0] if doc else "")
+        paragraph = " ".join((registry.get(name).__doc__ or "").strip().split("\n\n")[0].split())
+        table.add_row(name, paragraph.split(". ")[0].rstrip(":. ").replace("``", ""))
     out_console.print(table)
     if kind is Kind.backbones:
         out_console.print("Any timm or torchvision model name works too (e.g. resnet50, vit_small_patch16_224); "

@@ -19,6 +19,8 @@ SPLITS = {"train": range(0, 5), "test": range(5, 10), "all": range(0, 10)}
 
 @register("digits")
 class Digits(MetricDataset):
+    """scikit-learn's 1,797 8x8 digits, embedded: train = classes 0-4, test = unseen classes 5-9."""
+
     input_kind = "tensor"
 
     def __init__(self, root: str | None = None, split: str = "train", augment: bool | None = None):

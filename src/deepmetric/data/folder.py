@@ -36,6 +36,8 @@ def _listing(items: list[str], limit: int = 10) -> str:
 
 @register("folder")
 class ImageFolder(MetricDataset):
+    """Images in ``root/<class>/``; train/test sub-folders if present, else the classes split in halves."""
+
     input_kind = "image"
 
     def __init__(
