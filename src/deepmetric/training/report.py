@@ -39,6 +39,7 @@ def _plot_loss(records: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot([r["epoch"] for r in rows], [r["train/loss"] for r in rows], marker="o", ms=3)
     ax.set(xlabel="epoch", ylabel="training loss (mean over the epoch)", title="Training loss")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
