@@ -78,3 +78,14 @@ def test_evaluate_embedding_files(tmp_path):
 def test_resume_requires_out():
     result = runner.invoke(app, ["train", "--resume"])
     assert result.exit_code != 0 and "--resume needs --out" in result.output
+
+
+def test_interrupt_says_how_to_resume(tmp_path, monkeypatch):
+    from deepmetric.training import Trainer
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "fit", interrupted)
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), *FAST])
+    assert result.exit_code == 130 and "--resume" in result.output

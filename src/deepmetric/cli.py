@@ -78,7 +78,11 @@ def train(
         cfg = cfgmod.load(config, set_)
     if out is None:
         out = Path("runs") / f"{cfg.data.name}-{cfg.loss.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = Trainer(cfg, out, resume=resume, overwrite=overwrite, progress=progress).fit()
+    try:
+        summary = Trainer(cfg, out, resume=resume, overwrite=overwrite, progress=progress).fit()
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted. Continue from the last checkpoint with: deepmetric train --out {out} --resume")
+        raise typer.Exit(130) from None
     out_console.print(metrics_table({**summary["baselines"], "trained": summary["test"]}, f"test metrics ({cfg.data.name})"))
     out_console.print(selection_text(summary["selected"]))
     out_console.print(f"run folder: {out}\nreport: {out / 'report' / 'report.html'}")
