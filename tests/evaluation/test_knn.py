@@ -8,7 +8,7 @@ import torch
 
 from deepmetric.errors import ConfigError, InputError
 from deepmetric.evaluation import knn
-from deepmetric.evaluation.knn import _knn_chunked, _knn_symmetric, chunk_rows, parse_memory_budget, symmetric_block
+from deepmetric.evaluation.knn import _knn_chunked, _knn_faiss_symmetric, chunk_rows, parse_memory_budget, symmetric_block
 
 
 def brute_force(q, g, k, distance, loo):
@@ -26,7 +26,7 @@ def brute_force(q, g, k, distance, loo):
     return np.take_along_axis(d, order, 1), order
 
 
-PATHS = [("torch", 2**30), ("torch", 2**20), ("torch", 8192), ("faiss", 2**30), ("faiss", 4096)]
+PATHS = [("torch", 2**30), ("torch", 8192), ("faiss", 2**30), ("faiss", 2**17)]
 
 
 @pytest.mark.parametrize(("backend", "budget"), PATHS)
@@ -47,12 +47,13 @@ def test_knn_equals_full_stable_sort(data, backend, budget, kind, loo):
 def test_symmetric_pass_equals_chunked_pass(data):
     x, _ = data("duplicates", n=300)
     op = torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
-    for k in (1, 5, 40):
-        sym = _knn_symmetric(op, k, block=64)
+    for k in (1, 5, 40, 299):
+        sym = _knn_faiss_symmetric(op, k, block=64)
         chunked = _knn_chunked(op, op, k, True, 2**30)
-        assert torch.equal(sym[1], chunked[1]) and torch.equal(sym[0], chunked[0])
-    assert symmetric_block(300, 5, 2**20) > 0 and symmetric_block(300, 5, 2**30) == 0  # one block: no gain
-    assert 0 < symmetric_block(150, 10, 2**20) < 150  # so PATHS' 1 MiB torch case runs the symmetric pass
+        assert torch.equal(sym[1], chunked[1])
+        torch.testing.assert_close(sym[0], chunked[0], atol=1e-6, rtol=0)
+    assert symmetric_block(300, 2**30) == 0  # a single block: nothing to share
+    assert 0 < symmetric_block(150, 2**17) < 150  # so PATHS' faiss case with 128 KiB runs the symmetric pass
 
 
 def test_duplicates_rank_by_index_and_count_as_neighbours():

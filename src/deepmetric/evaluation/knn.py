@@ -19,9 +19,13 @@ still count as neighbours.
 
 **Memory.** Queries are processed in row chunks of ``chunk x |G|`` scores, the chunk chosen from a
 byte budget, so memory is ``O(chunk * |G| + |Q| * k)``; the ``|Q| x |G|`` matrix is never built
-unless it fits in the budget. For cosine leave-one-out with a small k, :func:`knn` instead walks the
-upper triangle of ``B x B`` blocks and uses each block for both its rows and its columns
-(``S = X X^T`` is symmetric), which halves the matrix-product work.
+unless it fits in the budget.
+
+**Backends.** ``torch``: chunked matrix product + ``topk``, on the input's device. ``faiss`` (CPU):
+an exact ``IndexFlatIP`` on the same operands; for cosine leave-one-out it instead walks the upper
+triangle of ``B x B`` blocks of ``S = X X^T`` and feeds each block to faiss' top-k heaps for its rows
+and, transposed, for its columns, which halves the matrix-product work. ``auto`` = faiss on CPU when
+installed (its heaps select faster than ``torch.topk`` there), torch otherwise.
 """
 
 from __future__ import annotations
@@ -131,41 +135,47 @@ def _knn_chunked(q_op, g_op, k, exclude_self, memory_budget):
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _merge(best: tuple[torch.Tensor, torch.Tensor], new_v: torch.Tensor, new_i: torch.Tensor, kk: int):
-    v = torch.cat([best[0], new_v], dim=1)
-    i = torch.cat([best[1], new_i], dim=1)
-    v, pos = v.topk(min(kk, v.shape[1]), dim=1)
-    return v, i.gather(1, pos)
-
-
-def _knn_symmetric(x_op: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Leave-one-out top-k from the upper-triangular blocks of ``X X^T`` (each block serves twice)."""
-    n = x_op.shape[0]
-    kk = min(k + 1, n)
-    starts = list(range(0, n, block))
-    best = [None] * len(starts)
-    for bi, i0 in enumerate(starts):
-        xi = x_op[i0 : i0 + block]
-        for bj in range(bi, len(starts)):
-            j0 = starts[bj]
-            s = xi @ x_op[j0 : j0 + block].T
-            if bi == bj:
-                s.diagonal().fill_(-torch.inf)
-            for b, r0, c0, m in ((bi, i0, j0, s), (bj, j0, i0, s.T.contiguous() if bi != bj else None)):
-                if m is None:
-                    continue
-                v, idx = m.topk(min(kk, m.shape[1]), dim=1)
-                idx += c0
-                best[b] = (v, idx) if best[b] is None else _merge(best[b], v, idx, kk)
-    values, indices = sort_by_key(torch.cat([b[0] for b in best]), torch.cat([b[1] for b in best]))
-    if kk > k:
+def _fix_boundary_ties(values, indices, k, q_op, g_op, exclude_self):
+    """Recompute, by a full stable sort, the rows whose k-th and (k+1)-th scores tie."""
+    if values.shape[1] > k:
         tied = (values[:, k - 1] == values[:, k]).nonzero().squeeze(1)
         if tied.numel():
-            s = x_op[tied] @ x_op.T
-            s[torch.arange(tied.numel(), device=s.device), tied] = -torch.inf
+            s = q_op[tied] @ g_op.T
+            if exclude_self:
+                s[torch.arange(tied.numel()), tied] = -torch.inf
             v, i = s.sort(dim=1, descending=True, stable=True)
-            values[tied], indices[tied] = v[:, :kk], i[:, :kk]
+            values[tied], indices[tied] = v[:, : values.shape[1]], i[:, : values.shape[1]]
     return values[:, :k], indices[:, :k]
+
+
+def _knn_faiss_symmetric(x_op: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leave-one-out top-k from the upper-triangular blocks of ``X X^T``, each block feeding faiss'
+    min-heaps of its rows and (transposed) of its columns. Columns reach every heap in increasing
+    index order and a heap only takes strictly better scores, so boundary ties keep the lower index."""
+    import faiss
+
+    n = x_op.shape[0]
+    kk = min(k + 1, n - 1)
+    values, indices = np.empty((n, kk), np.float32), np.empty((n, kk), np.int64)
+    heaps = faiss.float_minheap_array_t()
+    heaps.nh, heaps.k = n, kk
+    heaps.val, heaps.ids = faiss.swig_ptr(values), faiss.swig_ptr(indices)
+    heaps.heapify()
+    transposed = torch.empty(block, block)
+    for i0 in range(0, n, block):
+        xi = x_op[i0 : i0 + block]
+        for j0 in range(i0, n, block):
+            s = xi @ x_op[j0 : j0 + block].T
+            if i0 == j0:
+                s.diagonal().fill_(-torch.inf)
+            heaps.addn(s.shape[1], faiss.swig_ptr(s.numpy()), j0, i0, s.shape[0])
+            if i0 != j0:
+                t = transposed[: s.shape[1], : s.shape[0]]
+                t.copy_(s.T)
+                heaps.addn(t.shape[1], faiss.swig_ptr(t.numpy()), i0, j0, t.shape[0])
+    heaps.reorder()
+    v, i = sort_by_key(torch.from_numpy(values), torch.from_numpy(indices))
+    return _fix_boundary_ties(v, i, k, x_op, x_op, True)
 
 
 def faiss_available() -> bool:
@@ -176,8 +186,9 @@ def faiss_available() -> bool:
     return True
 
 
-def _knn_faiss(q_op, g_op, k, exclude_self, memory_budget):
-    """faiss ``IndexFlatIP`` on the score operands; the result is re-keyed and ties fixed by torch."""
+def _knn_faiss(q_op, g_op, k, exclude_self):
+    """faiss ``IndexFlatIP`` on the score operands (faiss blocks the product itself, in bounded
+    memory); the result is re-keyed and ties fixed by torch."""
     import faiss
 
     q_np = np.ascontiguousarray(q_op.cpu().numpy())
@@ -186,30 +197,16 @@ def _knn_faiss(q_op, g_op, k, exclude_self, memory_budget):
     index.add(g_np)
     n_g = g_np.shape[0]
     kk = min(k + 1 + int(exclude_self), n_g)  # one extra column to detect a tie at the k-th place
-    rows = chunk_rows(n_g, memory_budget)
-    vals, idxs = [], []
-    for start in range(0, q_np.shape[0], rows):
-        v, i = index.search(q_np[start : start + rows], kk)
-        v, i = torch.from_numpy(v), torch.from_numpy(i)
-        if exclude_self:  # drop the query's own id; if it is not there, drop the last column
-            own = torch.arange(start, start + v.shape[0]).unsqueeze(1)
-            is_self = i == own
-            drop = torch.where(is_self.any(1), is_self.int().argmax(1), torch.full_like(own[:, 0], kk - 1))
-            keep = torch.ones_like(is_self)
-            keep[torch.arange(v.shape[0]), drop] = False
-            v, i = v[keep].view(v.shape[0], kk - 1), i[keep].view(v.shape[0], kk - 1)
-        vals.append(v)
-        idxs.append(i)
-    values, indices = sort_by_key(torch.cat(vals), torch.cat(idxs))
-    if values.shape[1] > k:
-        tied = (values[:, k - 1] == values[:, k]).nonzero().squeeze(1)
-        if tied.numel():
-            s = q_op.cpu()[tied] @ g_op.cpu().T
-            if exclude_self:
-                s[torch.arange(tied.numel()), tied] = -torch.inf
-            v, i = s.sort(dim=1, descending=True, stable=True)
-            values[tied], indices[tied] = v[:, : values.shape[1]], i[:, : values.shape[1]]
-    return values[:, :k].to(q_op.device), indices[:, :k].to(q_op.device)
+    v, i = (torch.from_numpy(a) for a in index.search(q_np, kk))
+    if exclude_self:  # drop the query's own id; if it is not there, drop the last column
+        rows = torch.arange(v.shape[0])
+        is_self = i == rows.unsqueeze(1)
+        drop = torch.where(is_self.any(1), is_self.int().argmax(1), kk - 1)
+        keep = torch.ones_like(is_self)
+        keep[rows, drop] = False
+        v, i = v[keep].view(-1, kk - 1), i[keep].view(-1, kk - 1)
+    values, indices = sort_by_key(v, i)
+    return _fix_boundary_ties(values, indices, k, q_op.cpu(), g_op.cpu(), exclude_self)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -255,20 +252,19 @@ def knn(
     q_op = score_operands(query, distance, "query")
     g_op = score_operands(g, distance, "gallery")
     backend = resolve_backend(backend, query.device)
-    if backend == "faiss":
-        values, indices = _knn_faiss(q_op, g_op, k, exclude_self, budget)
-    elif exclude_self and distance == "cosine" and symmetric_block(query.shape[0], k, budget):
-        values, indices = _knn_symmetric(q_op, k, symmetric_block(query.shape[0], k, budget))
+    block = symmetric_block(query.shape[0], budget) if exclude_self and distance == "cosine" else 0
+    if backend == "faiss" and block:
+        values, indices = _knn_faiss_symmetric(q_op.cpu(), k, block)
+    elif backend == "faiss":
+        values, indices = _knn_faiss(q_op, g_op, k, exclude_self)
     else:
         values, indices = _knn_chunked(q_op, g_op, k, exclude_self, budget)
-    return Neighbors(scores_to_distances(values, query, distance), indices)
+    device = query.device
+    return Neighbors(scores_to_distances(values.to(device), query, distance), indices.to(device))
 
 
-def symmetric_block(n: int, k: int, memory_budget: int) -> int:
-    """Block size of the symmetric pass, or 0 when it does not apply: half the budget holds the
-    running top-(k+1) of all n rows, the other half a few ``B x B`` blocks; needs at least 2 blocks."""
-    half = memory_budget // 2
-    if n * (k + 1) * 2 * 12 > half:
-        return 0
-    block = min(_SYMMETRIC_BLOCK, math.isqrt(half // (4 * _BYTES_PER_SCORE)))
+def symmetric_block(n: int, memory_budget: int) -> int:
+    """Block size B of the symmetric pass (two ``B x B`` float32 blocks within the budget), or 0 when
+    there is a single block (nothing to share)."""
+    block = min(_SYMMETRIC_BLOCK, math.isqrt(memory_budget // (2 * 4)))
     return block if n > block >= 16 else 0
