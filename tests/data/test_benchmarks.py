@@ -309,3 +309,31 @@ def test_loaders_take_the_trainer_keywords():
     for key in ("cub200", "cars196", "sop", "inshop"):
         params = data.DATASETS.parameters(key)
         assert {"root", "split", "augment", "image_size", "pipeline", "normalization"} <= set(params)
+
+
+# --- one epoch through the CLI on the fixtures -------------------------------------------------------
+
+CLI_FAST = ["train.epochs=1", "train.iterations_per_epoch=2", "eval.tsne=false", "eval.ks=[1]",
+            "model.backbone=small_cnn", "model.backbone_kwargs={in_channels: 3, input_size: 8}",
+            "model.embedding_size=8", "model.pretrained=false", "data.kwargs={image_size: 8}", "data.num_workers=0",
+            "train.amp=false", "device=cpu"]
+
+
+@pytest.mark.filterwarnings("ignore::deepmetric.data.benchmarks.CountMismatchWarning")
+@pytest.mark.parametrize("key", ["cub200", "inshop"])
+def test_one_epoch_through_the_cli(key, cub_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from deepmetric.cli import app
+
+    root = cub_root if key == "cub200" else _inshop(tmp_path / "InShop")
+    sampler = ["sampler.batch_size=4", "sampler.m=2"] if key == "cub200" else ["sampler.batch_size=2", "sampler.m=1"]
+    sets = [f"data.name={key}", f"data.root={root}", *CLI_FAST, *sampler]
+    if key == "inshop":
+        sets += ["data.query_split=query", "data.gallery_split=gallery"]
+    args = ["train", "--out", str(tmp_path / "run"), "--no-progress"]
+    for s in sets:
+        args += ["--set", s]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "recall@1" in result.output
