@@ -118,7 +118,9 @@ def _inshop(root, img="img"):
     lines += [f"{p:<60}{i:<15}{s}" for p, i, s in INSHOP]  # the file pads its columns with spaces
     (root / "Eval" / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
     (root / "Anno").mkdir()
-    (root / "Anno" / "list_bbox_inshop.txt").write_text("0\nimage_name clothes_type pose_type x_1 y_1 x_2 y_2\n")
+    boxes = [f"{p:<60}1  1  2  3  9  8" for p, _, _ in INSHOP]
+    header = [str(len(INSHOP)), "image_name clothes_type pose_type x_1 y_1 x_2 y_2"]
+    (root / "Anno" / "list_bbox_inshop.txt").write_text("\n".join(header + boxes) + "\n")
     for p, _, _ in INSHOP:
         _jpg(root / (img + p[3:]))
     return root
@@ -337,3 +339,37 @@ def test_one_epoch_through_the_cli(key, cub_root, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "recall@1" in result.output
+
+
+# --- options: bounding-box crops, truncated files --------------------------------------------------------
+
+def test_crop_boxes_option(cub_root, cars_root, sop_root, tmp_path):
+    keep = dict(transform=lambda img: img)  # look at the PIL image itself
+    cub = _quiet("cub200", root=str(cub_root), split="train", crop_boxes=True, **keep)
+    assert cub[0][0].size == (5, 5)  # bounding_boxes.txt: x 1, y 1, width 5, height 5
+    assert _quiet("cub200", root=str(cub_root), split="train", **keep)[0][0].size == (12, 10)  # off by default
+    cars = _quiet("cars196", root=str(cars_root), split="test", crop_boxes=True, **keep)
+    assert cars[0][0].size == (8, 6)  # bbox_x1 1, bbox_y1 2, bbox_x2 9, bbox_y2 8
+    shop = _quiet("inshop", root=str(_inshop(tmp_path / "InShop")), split="query", crop_boxes=True, **keep)
+    assert shop[0][0].size == (7, 5)  # clothes_type 1, pose_type 1, x_1 2, y_1 3, x_2 9, y_2 8
+    with pytest.raises(DataError, match="no bounding box"):
+        _quiet("sop", root=str(sop_root), crop_boxes=True)
+    (cub_root / "bounding_boxes.txt").unlink()
+    with pytest.raises(DataError, match=r"bounding_boxes\.txt"):
+        _quiet("cub200", root=str(cub_root), crop_boxes=True)
+
+
+def test_truncated_image_behind_a_flag(cub_root):
+    from deepmetric.data.images import truncated_files
+
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    victim = sorted((cub_root / "images" / "001.Black_footed_Albatross").iterdir())[0]
+    Image.fromarray(noise).save(victim, format="JPEG", quality=95)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size * 2 // 3])
+    strict = _quiet("cub200", root=str(cub_root), split="train", allow_truncated=False)
+    with pytest.raises(DataError, match="allow_truncated"):
+        strict[0]
+    lenient = _quiet("cub200", root=str(cub_root), split="train")
+    with pytest.warns(UserWarning, match="truncated"):
+        x, _ = lenient[0]
+    assert x.shape == (3, 8, 8) and str(victim) in truncated_files()

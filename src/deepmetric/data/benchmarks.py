@@ -26,6 +26,12 @@ file, the expected layout and where the data set is published.
 ``pipeline`` (``default``, ``reality_check``, ``iaa``, ``iaa_cub``) and ``normalization``
 (``imagenet``, ``bninception``, ``none``) choose the published image pipeline and the backbone's input
 normalisation (see :mod:`deepmetric.data.transforms`).
+
+Options: ``crop_boxes=True`` crops each image to its bounding box (CUB ``bounding_boxes.txt``, the Cars
+``bbox_*`` fields or CSV columns ``x1,y1,x2,y2``, In-Shop ``Anno/list_bbox_inshop.txt``; unused by the
+standard protocol, off by default); ``allow_truncated=False`` makes a truncated image file an error
+instead of decoding it as far as it goes with a warning (see :func:`deepmetric.data.images.truncated_files`);
+``check_files=False`` skips the per-image existence check.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class Entry(NamedTuple):
     class_id: Any
     split: str
     super_id: int | None = None
+    box: tuple[float, float, float, float] | None = None  # (x1, y1, x2, y2) in pixels
 
 
 class IndexedImageDataset(MetricDataset):
@@ -92,6 +99,8 @@ class IndexedImageDataset(MetricDataset):
         normalization: str = "imagenet",
         check_files: bool = True,
         check_counts: bool = True,
+        allow_truncated: bool = True,
+        crop_boxes: bool = False,
     ):
         check_split(split, self.splits, self.key)
         if root is None:
@@ -101,6 +110,7 @@ class IndexedImageDataset(MetricDataset):
             )
         self.root = self._locate(Path(root).expanduser())
         self.split = split
+        self.crop_boxes, self.allow_truncated = crop_boxes, allow_truncated
         entries = self.read_index(self.root)
         chosen = [e for e in entries if e.split == split]
         if not chosen:
@@ -113,6 +123,9 @@ class IndexedImageDataset(MetricDataset):
         index = {cid: i for i, cid in enumerate(ids)}
 
         self.paths = [self.root / e.path for e in chosen]
+        self.boxes = [e.box for e in chosen] if crop_boxes else None
+        if crop_boxes and any(b is None for b in self.boxes):
+            raise DataError(f"{self.title}: crop_boxes=True but the index gives no bounding box for some images")
         self.labels = np.asarray([index[e.class_id] for e in chosen], dtype=np.int64)
         self.class_ids = np.asarray(ids)
         self.classes = [self.class_name(cid) for cid in ids]
@@ -201,8 +214,24 @@ class IndexedImageDataset(MetricDataset):
         return np.bincount(self.labels, minlength=len(self.class_ids))
 
     def __getitem__(self, index: int):
-        img = load_rgb(self.paths[index])
+        img = load_rgb(self.paths[index], allow_truncated=self.allow_truncated)
+        if self.boxes is not None:
+            x1, y1, x2, y2 = self.boxes[index]
+            img = img.crop((max(0, int(x1)), max(0, int(y1)), min(img.width, int(x2)), min(img.height, int(y2))))
         return self.transform(img), int(self.labels[index])
+
+
+def _read_rows(path: Path, columns: int, skip: int = 0) -> list[list[str]]:
+    """Whitespace-separated rows of exactly ``columns`` fields after ``skip`` header lines."""
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines()[skip:], skip + 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != columns:
+            raise DataError(f"{path}, line {n}: expected {columns} columns, got {line!r}")
+        rows.append(parts)
+    return rows
 
 
 def _read_pairs(path: Path) -> list[tuple[str, str]]:
@@ -244,12 +273,17 @@ class CUB200(IndexedImageDataset):
         labels = {k: _int(v, labels_txt, "class id") for k, v in _read_pairs(labels_txt)}
         classes_txt = root / "classes.txt"
         self._names = {_int(k, classes_txt, "class id"): v for k, v in _read_pairs(classes_txt)} if classes_txt.exists() else {}
+        boxes: dict[str, tuple[float, float, float, float]] = {}
+        if self.crop_boxes:  # "<image_id> <x> <y> <width> <height>"
+            for image_id, *xywh in _read_rows(self._require(root / "bounding_boxes.txt"), 5):
+                x, y, w, h = map(float, xywh)
+                boxes[image_id] = (x, y, x + w, y + h)
         entries = []
         for image_id, rel in _read_pairs(images_txt):
             if image_id not in labels:
                 raise DataError(f"{labels_txt} has no class for image id {image_id} ({rel}) of {images_txt}")
             cid = labels[image_id]
-            entries.append(Entry(f"images/{rel}", cid, "train" if cid <= 100 else "test"))
+            entries.append(Entry(f"images/{rel}", cid, "train" if cid <= 100 else "test", box=boxes.get(image_id)))
         return entries
 
     def class_name(self, class_id: Any) -> str:
@@ -281,12 +315,15 @@ class Cars196(IndexedImageDataset):
         normalization: str = "imagenet",
         check_files: bool = True,
         check_counts: bool = True,
+        allow_truncated: bool = True,
+        crop_boxes: bool = False,
         annotations: str | None = None,
     ):
         self._annotations = annotations
         super().__init__(
             root, split, transform=transform, augment=augment, image_size=image_size, pipeline=pipeline,
             normalization=normalization, check_files=check_files, check_counts=check_counts,
+            allow_truncated=allow_truncated, crop_boxes=crop_boxes,
         )
 
     def _locate(self, root: Path) -> Path:
@@ -312,9 +349,9 @@ class Cars196(IndexedImageDataset):
         ann = self._ann_path
         rows = self._read_csv(ann) if ann.suffix.lower() == ".csv" else self._read_mat(ann)
         self._names = getattr(self, "_names", {})
-        return [Entry(path, cid, "train" if cid <= 98 else "test") for path, cid in rows]
+        return [Entry(path, cid, "train" if cid <= 98 else "test", box=box) for path, cid, box in rows]
 
-    def _read_mat(self, path: Path) -> list[tuple[str, int]]:
+    def _read_mat(self, path: Path) -> list[tuple[str, int, Any]]:
         try:
             from scipy.io import loadmat
         except ImportError:  # pragma: no cover - scipy is a dependency of scikit-learn
@@ -333,14 +370,26 @@ class Cars196(IndexedImageDataset):
             raise DataError(f"{path}: 'annotations' needs fields relative_im_path and class, has {', '.join(fields)}")
         if "class_names" in mat:
             self._names = {i + 1: str(n) for i, n in enumerate(np.atleast_1d(mat["class_names"]))}
-        return [(str(a["relative_im_path"]), _int(a["class"], path, "class")) for a in ann]
+        box_fields = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
+        has_box = all(f in fields for f in box_fields)
+        return [
+            (str(a["relative_im_path"]), _int(a["class"], path, "class"),
+             tuple(float(a[f]) for f in box_fields) if has_box else None)
+            for a in ann
+        ]
 
-    def _read_csv(self, path: Path) -> list[tuple[str, int]]:
+    def _read_csv(self, path: Path) -> list[tuple[str, int, Any]]:
+        """Columns ``path,class``; optional ``x1,y1,x2,y2`` bounding boxes."""
         with open(path, newline="") as fh:
             reader = csv.DictReader(fh)
             if not reader.fieldnames or not {"path", "class"} <= set(reader.fieldnames):
                 raise DataError(f"{path}: a Cars196 CSV needs a header with columns path,class; got {reader.fieldnames}")
-            return [(row["path"], _int(row["class"], path, "class")) for row in reader]
+            has_box = {"x1", "y1", "x2", "y2"} <= set(reader.fieldnames)
+            return [
+                (row["path"], _int(row["class"], path, "class"),
+                 tuple(float(row[k]) for k in ("x1", "y1", "x2", "y2")) if has_box else None)
+                for row in reader
+            ]
 
     def class_name(self, class_id: Any) -> str:
         return self._names.get(class_id, str(class_id))
@@ -416,6 +465,7 @@ class InShop(IndexedImageDataset):
             img = "img_highres"
         elif not (root / "img").is_dir():
             raise self._missing(root / "img")
+        boxes = self._boxes(root) if self.crop_boxes else {}
         entries = []
         for n, line in enumerate(lines[2:], 3):
             parts = line.split()
@@ -424,10 +474,16 @@ class InShop(IndexedImageDataset):
             if len(parts) != 3 or parts[2] not in self.splits:
                 raise DataError(f"{path}, line {n}: expected '<image_name> <item_id> train|query|gallery', got {line!r}")
             rel = parts[0]
+            box = boxes.get(rel)
             if img != "img" and rel.startswith("img/"):
                 rel = img + rel[3:]
-            entries.append(Entry(rel, parts[1], parts[2]))
+            entries.append(Entry(rel, parts[1], parts[2], box=box))
         return entries
+
+    def _boxes(self, root: Path) -> dict[str, tuple[float, float, float, float]]:
+        """Anno/list_bbox_inshop.txt: count, header, then ``image_name clothes_type pose_type x_1 y_1 x_2 y_2``."""
+        rows = _read_rows(self._require(root / "Anno" / "list_bbox_inshop.txt"), 7, skip=2)
+        return {r[0]: (float(r[3]), float(r[4]), float(r[5]), float(r[6])) for r in rows}
 
 
 BENCHMARKS: dict[str, type[IndexedImageDataset]] = {
