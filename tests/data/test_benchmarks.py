@@ -216,6 +216,32 @@ def test_cars_csv_conversion_and_missing_annotations(tmp_path):
         data.build("cars196", root=str(root), annotations="absent.mat")
 
 
+def test_cars_classification_distribution_is_merged(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io")
+    root = tmp_path / "stanford_cars"
+    fields = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname"]
+    parts = {"train": [(1, 1), (2, 99)], "test": [(1, 98), (2, 196), (3, 99)]}  # (file number, class)
+    (root / "devkit").mkdir(parents=True)
+    for part, rows in parts.items():
+        ann = np.zeros((1, len(rows)), dtype=[(f, "O") for f in fields])
+        for i, (n, cls) in enumerate(rows):
+            _jpg(root / f"cars_{part}" / f"{n:05d}.jpg")
+            ann[0, i] = (*[np.array([[v]], dtype=np.uint8) for v in (1, 1, 5, 5, cls)], np.array([f"{n:05d}.jpg"]))
+        target = root / "devkit" / "cars_train_annos.mat" if part == "train" else root / "cars_test_annos_withlabels.mat"
+        scipy_io.savemat(target, {"annotations": ann})
+    names = np.empty((1, 196), dtype=object)
+    names[0, :] = [f"Car {c}" for c in range(1, 197)]
+    scipy_io.savemat(root / "devkit" / "cars_meta.mat", {"class_names": names})
+    train = _quiet("cars196", root=str(tmp_path), split="train")
+    test = _quiet("cars196", root=str(root), split="test")
+    assert [str(p.relative_to(root)) for p in train.paths] == ["cars_train/00001.jpg", "cars_test/00001.jpg"]
+    assert train.class_ids.tolist() == [1, 98] and train.classes == ["Car 1", "Car 98"]
+    assert test.class_ids.tolist() == [99, 196] and len(test) == 3 and test.labels.tolist() == [0, 1, 0]
+    (root / "cars_test_annos_withlabels.mat").unlink()
+    with pytest.raises(DataError, match="ship separately"):
+        data.build("cars196", root=str(root))
+
+
 def test_cars_images_not_unpacked(cars_root):
     for p in (cars_root / "car_ims").iterdir():
         p.unlink()

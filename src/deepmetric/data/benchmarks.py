@@ -295,12 +295,18 @@ class Cars196(IndexedImageDataset):
     """Stanford Cars196 (Krause et al 2013), cars_annos.mat or CSV: train = classes 1-98, test = 99-196
 
     Reads ``cars_annos.mat`` (needs scipy) or a CSV conversion with columns ``path,class`` (paths relative
-    to root); ``annotations=`` names another file.
+    to root); ``annotations=`` names another file. The classification distribution (``cars_train/``,
+    ``cars_test/``, ``devkit/cars_train_annos.mat`` plus the separately shipped
+    ``cars_test_annos_withlabels.mat``) is merged before the class split.
     """
 
     key, title, folder, marker = "cars196", "Cars196", "", ""
     url = "https://ai.stanford.edu/~jkrause/cars/car_dataset.html (car_ims.tgz + cars_annos.mat)"
-    layout = "<root>/{cars_annos.mat (or cars_annos.csv with columns path,class), car_ims/000001.jpg ...}"
+    layout = (
+        "<root>/{cars_annos.mat (or cars_annos.csv with columns path,class), car_ims/000001.jpg ...}, or the "
+        "classification distribution <root>/{cars_train/, cars_test/, devkit/cars_train_annos.mat, "
+        "cars_test_annos_withlabels.mat}"
+    )
     official = {"train": (8054, 98), "test": (8131, 98)}
     candidates = ("cars_annos.mat", "cars_annos.csv")
 
@@ -327,17 +333,32 @@ class Cars196(IndexedImageDataset):
         )
 
     def _locate(self, root: Path) -> Path:
+        self._devkit: tuple[Path, Path] | None = None
         if self._annotations is not None:
             ann = Path(self._annotations)
             ann = ann if ann.is_absolute() else root / ann
             self._require(ann)
             self._ann_path = ann
             return root
-        for base in (root, root / "stanford_cars", root / "cars196"):
+        bases = (root, root / "stanford_cars", root / "cars196")
+        for base in bases:
             for name in self.candidates:
                 if (base / name).is_file():
                     self._ann_path = base / name
                     return base
+        for base in bases:  # the classification distribution: cars_train/, cars_test/, devkit/
+            train = base / "devkit" / "cars_train_annos.mat"
+            if train.is_file():
+                tests = [base / "cars_test_annos_withlabels.mat", base / "devkit" / "cars_test_annos_withlabels.mat"]
+                test = next((t for t in tests if t.is_file()), None)
+                if test is None:
+                    raise DataError(
+                        f"{self.title}: found the classification distribution in {base} (devkit/cars_train_annos.mat) "
+                        f"but not the test labels cars_test_annos_withlabels.mat, which ship separately; put it in "
+                        f"{base} or {base / 'devkit'}. The data set is published at {self.url}"
+                    )
+                self._devkit = (train, test)
+                return base
         if not root.is_dir():
             raise DataError(f"{self.title}: data set folder not found: {root}. It is published at {self.url}")
         raise DataError(
@@ -346,12 +367,19 @@ class Cars196(IndexedImageDataset):
         )
 
     def read_index(self, root: Path) -> list[Entry]:
-        ann = self._ann_path
-        rows = self._read_csv(ann) if ann.suffix.lower() == ".csv" else self._read_mat(ann)
-        self._names = getattr(self, "_names", {})
+        self._names: dict[int, str] = {}
+        if self._devkit is not None:
+            train, test = self._devkit
+            rows = self._read_mat(train, "fname", "cars_train/") + self._read_mat(test, "fname", "cars_test/")
+            if (root / "devkit" / "cars_meta.mat").is_file():
+                self._read_names(root / "devkit" / "cars_meta.mat")
+        else:
+            ann = self._ann_path
+            rows = self._read_csv(ann) if ann.suffix.lower() == ".csv" else self._read_mat(ann)
         return [Entry(path, cid, "train" if cid <= 98 else "test", box=box) for path, cid, box in rows]
 
-    def _read_mat(self, path: Path) -> list[tuple[str, int, Any]]:
+    @staticmethod
+    def _loadmat(path: Path) -> dict[str, Any]:
         try:
             from scipy.io import loadmat
         except ImportError:  # pragma: no cover - scipy is a dependency of scikit-learn
@@ -359,21 +387,30 @@ class Cars196(IndexedImageDataset):
                 f"reading {path} needs scipy (pip install scipy); or convert it to a CSV with columns path,class"
             ) from None
         try:
-            mat = loadmat(str(path), squeeze_me=True)
+            return loadmat(str(path), squeeze_me=True)
         except Exception as exc:  # noqa: BLE001 - scipy raises several types for a bad file
             raise DataError(f"cannot read {path} as a MATLAB file: {exc}") from exc
+
+    def _read_names(self, path: Path) -> None:
+        mat = self._loadmat(path)
+        if "class_names" in mat:
+            self._names = {i + 1: str(n) for i, n in enumerate(np.atleast_1d(mat["class_names"]))}
+
+    def _read_mat(self, path: Path, path_field: str = "relative_im_path", prefix: str = "") -> list[tuple[str, int, Any]]:
+        """An ``annotations`` struct array: image path field, ``class`` (1-based), ``bbox_x1 .. bbox_y2``."""
+        mat = self._loadmat(path)
         if "annotations" not in mat:
             raise DataError(f"{path} has no 'annotations' struct array (found: {', '.join(k for k in mat if not k.startswith('__'))})")
         ann = np.atleast_1d(mat["annotations"])
         fields = ann.dtype.names or ()
-        if "relative_im_path" not in fields or "class" not in fields:
-            raise DataError(f"{path}: 'annotations' needs fields relative_im_path and class, has {', '.join(fields)}")
+        if path_field not in fields or "class" not in fields:
+            raise DataError(f"{path}: 'annotations' needs fields {path_field} and class, has {', '.join(fields)}")
         if "class_names" in mat:
             self._names = {i + 1: str(n) for i, n in enumerate(np.atleast_1d(mat["class_names"]))}
         box_fields = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
         has_box = all(f in fields for f in box_fields)
         return [
-            (str(a["relative_im_path"]), _int(a["class"], path, "class"),
+            (prefix + str(a[path_field]), _int(a["class"], path, "class"),
              tuple(float(a[f]) for f in box_fields) if has_box else None)
             for a in ann
         ]
