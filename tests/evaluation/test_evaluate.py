@@ -21,13 +21,13 @@ def assert_matches(got: dict, want: dict) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("distance", ["cosine", "euclidean"])
-@pytest.mark.parametrize("budget", [2**20, 4096])
-def test_leave_one_out_equals_reference(data, reference, kind, distance, budget):
+@pytest.mark.parametrize(("backend", "budget"), [("torch", 2**20), ("torch", 4096), ("faiss", 4096)])
+def test_leave_one_out_equals_reference(data, reference, kind, distance, backend, budget):
     if kind == "grid" and distance == "cosine":
         pytest.skip("cosine ties between distinct integer vectors are not exact in floating point")
     x, y = data(kind)
     want = reference(x, y, distance=distance)
-    got = evaluate(x, y, metrics=RETRIEVAL, distance=distance, backend="torch", memory_budget=budget)
+    got = evaluate(x, y, metrics=RETRIEVAL, distance=distance, backend=backend, memory_budget=budget)
     assert_matches(got, want)
 
 
@@ -154,3 +154,11 @@ def test_equals_pytorch_metric_learning(data):
     assert got["recall@1"] == pytest.approx(want["precision_at_1"], abs=1e-6)
     assert got["r_precision"] == pytest.approx(want["r_precision"], abs=1e-6)
     assert got["map@r"] == pytest.approx(want["mean_average_precision_at_r"], abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("metrics", [RETRIEVAL, RETRIEVAL[:-1]])
+def test_k_as_large_as_the_gallery(data, reference, backend, metrics):
+    x, y = data("duplicates", n=30)
+    want = {k: v for k, v in reference(x, y, ks=(29,)).items() if k != "map" or "map" in metrics}
+    assert_matches(evaluate(x, y, metrics=metrics, ks=(29,), backend=backend, memory_budget=4096), want)

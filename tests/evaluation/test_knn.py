@@ -44,14 +44,18 @@ def test_knn_equals_full_stable_sort(data, backend, budget, kind, loo):
     assert dist.dtype == torch.float32 and idx.dtype == torch.int64
 
 
-def test_symmetric_pass_equals_chunked_pass(data):
-    x, _ = data("duplicates", n=300)
+@pytest.mark.parametrize(("n", "block", "d"), [(300, 64, 8), (30, 22, 8), (500, 128, 130)])
+def test_symmetric_pass_equals_chunked_pass(data, n, block, d):
+    x, _ = data("duplicates", n=n, d=d)
     op = torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
-    for k in (1, 5, 40, 299):
-        sym = _knn_faiss_symmetric(op, k, block=64)
+    for k in (1, 5, 29, n - 1):
+        sym = _knn_faiss_symmetric(op, k, block=block)
         chunked = _knn_chunked(op, op, k, True, 2**30)
         assert torch.equal(sym[1], chunked[1])
         torch.testing.assert_close(sym[0], chunked[0], atol=1e-6, rtol=0)
+
+
+def test_symmetric_block_choice():
     assert symmetric_block(300, 2**30) == 0  # a single block: nothing to share
     assert 0 < symmetric_block(150, 2**17) < 150  # so PATHS' faiss case with 128 KiB runs the symmetric pass
 
@@ -102,3 +106,15 @@ def test_chunk_rows_respects_budget():
 def test_knn_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         knn(torch.randn(50, 4), **kwargs)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+@pytest.mark.parametrize("loo", [True, False])
+def test_faiss_blocks_keep_duplicate_ties(data, distance, loo):
+    """faiss computes the gallery in blocks of 1024; duplicates across blocks must still tie exactly."""
+    x, _ = data("duplicates", n=3000, d=64)
+    q = x if loo else data("duplicates", seed=3, n=100, d=64)[0]
+    args = (torch.from_numpy(q), None if loo else torch.from_numpy(x), 50)
+    faiss_result = knn(*args, distance=distance, backend="faiss")  # flat index, or the symmetric pass
+    torch_result = knn(*args, distance=distance, backend="torch")
+    assert torch.equal(faiss_result.indices, torch_result.indices)

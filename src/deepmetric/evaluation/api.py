@@ -98,8 +98,8 @@ def _per_query(rel: torch.Tensor, n_rel: torch.Tensor, families: set[str], ks) -
 
 
 def _ranking_pass(q, g, q_codes, g_codes, n_classes, n_rel, k, families, ks, distance, budget, backend):
-    """Per-query retrieval values. ``map`` needs every score, so it runs the chunked torch pass
-    (which then also yields the top-k); otherwise :func:`knn` with the chosen backend."""
+    """Per-query retrieval values. ``map`` needs every score, so it runs the chunked pass, which also
+    yields the top-k (selected by faiss heaps for the faiss backend); otherwise :func:`knn`."""
     loo = g is None
     gal = q if loo else g
     if "map" not in families:
@@ -116,7 +116,7 @@ def _ranking_pass(q, g, q_codes, g_codes, n_classes, n_rel, k, families, ks, dis
         stop = start + s.shape[0]
         qc = q_codes[start:stop]
         if k:
-            rel = g_codes[topk_scores(s, k)[1]] == qc.unsqueeze(1)
+            rel = g_codes[topk_scores(s, k, heaps=backend == "faiss")[1]] == qc.unsqueeze(1)
         else:
             rel = qc.new_zeros((len(qc), 0), dtype=torch.bool)
         values = _per_query(rel, n_rel[start:stop], families, ks)

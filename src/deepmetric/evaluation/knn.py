@@ -116,14 +116,41 @@ def sort_by_key(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tens
     return values.gather(1, order), indices.gather(1, order)
 
 
-def topk_scores(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of each row under the (score desc, index asc) key, without a full sort."""
+def _new_heaps(n: int, kk: int):
+    """faiss min-heaps keeping the kk largest scores of n rows (values and ids in numpy arrays)."""
+    import faiss
+
+    values, indices = np.empty((n, kk), np.float32), np.empty((n, kk), np.int64)
+    heaps = faiss.float_minheap_array_t()
+    heaps.nh, heaps.k = n, kk
+    heaps.val, heaps.ids = faiss.swig_ptr(values), faiss.swig_ptr(indices)
+    heaps.heapify()
+    return heaps, values, indices
+
+
+def _add(heaps, block: torch.Tensor, j0: int, i0: int) -> None:
+    """Offer the contiguous CPU score ``block`` (rows i0.., gallery ids j0..) to the heaps."""
+    import faiss
+
+    heaps.addn(block.shape[1], faiss.swig_ptr(block.numpy()), j0, i0, block.shape[0])
+
+
+def topk_scores(scores: torch.Tensor, k: int, heaps: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of each row under the (score desc, index asc) key, without a full sort.
+
+    ``heaps=True`` selects with faiss' heaps (CPU; ~2.5x faster than ``torch.topk`` there)."""
     kk = min(k + 1, scores.shape[1])
-    values, indices = scores.topk(kk, dim=1)
+    if heaps:
+        h, v, i = _new_heaps(scores.shape[0], kk)
+        _add(h, scores.contiguous(), 0, 0)
+        h.reorder()
+        values, indices = torch.from_numpy(v), torch.from_numpy(i)
+    else:
+        values, indices = scores.topk(kk, dim=1)
     values, indices = sort_by_key(values, indices)
     if kk > k:
         tied = (values[:, k - 1] == values[:, k]).nonzero().squeeze(1)
-        if tied.numel():  # the k-th place is shared with items topk may have dropped
+        if tied.numel():  # the k-th place is shared with items the selection may have dropped
             v, i = scores[tied].sort(dim=1, descending=True, stable=True)
             values[tied], indices[tied] = v[:, :kk], i[:, :kk]
     return values[:, :k], indices[:, :k]
@@ -151,28 +178,28 @@ def _fix_boundary_ties(values, indices, k, q_op, g_op, exclude_self):
 def _knn_faiss_symmetric(x_op: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Leave-one-out top-k from the upper-triangular blocks of ``X X^T``, each block feeding faiss'
     min-heaps of its rows and (transposed) of its columns. Columns reach every heap in increasing
-    index order and a heap only takes strictly better scores, so boundary ties keep the lower index."""
-    import faiss
-
+    index order and a heap only takes strictly better scores, so boundary ties keep the lower index.
+    All products are ``block x block`` (the last block zero-padded): BLAS may round a dot product
+    differently in products of different shapes, which would split ties between exact duplicates."""
     n = x_op.shape[0]
-    kk = min(k + 1, n - 1)
-    values, indices = np.empty((n, kk), np.float32), np.empty((n, kk), np.int64)
-    heaps = faiss.float_minheap_array_t()
-    heaps.nh, heaps.k = n, kk
-    heaps.val, heaps.ids = faiss.swig_ptr(values), faiss.swig_ptr(indices)
-    heaps.heapify()
-    transposed = torch.empty(block, block)
+    heaps, values, indices = _new_heaps(n, min(k + 1, n - 1))
+    padded = torch.zeros(-(-n // block) * block, x_op.shape[1])
+    padded[:n] = x_op
+    s, transposed = torch.empty(block, block), torch.empty(block * block)
     for i0 in range(0, n, block):
-        xi = x_op[i0 : i0 + block]
+        ri = min(block, n - i0)
         for j0 in range(i0, n, block):
-            s = xi @ x_op[j0 : j0 + block].T
+            rj = min(block, n - j0)
+            # every product has the same shape, so duplicates score bit-identically in every block
+            torch.mm(padded[i0 : i0 + block], padded[j0 : j0 + block].T, out=s)
+            valid = s if ri == rj == block else s[:ri, :rj].contiguous()
             if i0 == j0:
-                s.diagonal().fill_(-torch.inf)
-            heaps.addn(s.shape[1], faiss.swig_ptr(s.numpy()), j0, i0, s.shape[0])
+                valid.diagonal().fill_(-torch.inf)
+            _add(heaps, valid, j0, i0)
             if i0 != j0:
-                t = transposed[: s.shape[1], : s.shape[0]]
-                t.copy_(s.T)
-                heaps.addn(t.shape[1], faiss.swig_ptr(t.numpy()), i0, j0, t.shape[0])
+                t = transposed[: ri * rj].view(rj, ri)
+                t.copy_(valid.T)
+                _add(heaps, t, i0, j0)
     heaps.reorder()
     v, i = sort_by_key(torch.from_numpy(values), torch.from_numpy(indices))
     return _fix_boundary_ties(v, i, k, x_op, x_op, True)
