@@ -197,9 +197,9 @@ class IndexedImageDataset(MetricDataset):
         want_images, want_classes = self.official.get(self.split, (None, None))
         diffs = []
         if want_images is not None and n_images != want_images:
-            diffs.append(f"{n_images:,} images (official: {want_images:,})")
+            diffs.append(f"{n_images:,} image{'s' * (n_images != 1)} (official: {want_images:,})")
         if want_classes is not None and n_classes != want_classes:
-            diffs.append(f"{n_classes:,} classes (official: {want_classes:,})")
+            diffs.append(f"{n_classes:,} class{'es' * (n_classes != 1)} (official: {want_classes:,})")
         if diffs:
             warnings.warn(
                 f"{self.title} split {self.split!r} under {self.root} has {' and '.join(diffs)}; "
