@@ -145,8 +145,278 @@ class ProxyAnchorLoss(ProxyLoss):
     def __init__(self, num_classes: int, embedding_size: int, alpha: float = 32.0, delta: float = 0.1):
         super().__init__(num_classes, embedding_size)
         self.alpha, self.delta = float(alpha), float(delta)
-        self.proxies = nn.Parameter(torch.randn(num_classes, embedding_size))
-        nn.init.kaiming_normal_(self.proxies, mode="fan_out")
+        self.proxies = nn.Parameter(fan_out_normal(num_classes, embedding_size))
 
     def compute(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return proxy_anchor_terms(self.cosine(x), labels, self.alpha, self.delta)
+
+
+def fan_out_normal(rows: int, cols: int) -> torch.Tensor:
+    """Proxy-Anchor's initialisation: ``randn`` then ``kaiming_normal_(mode="fan_out")`` on ``[rows, cols]``."""
+    w = torch.randn(rows, cols)
+    nn.init.kaiming_normal_(w, mode="fan_out")
+    return w
+
+
+def relaxed_class_similarity(sim: torch.Tensor, k: int, gamma: float) -> torch.Tensor:
+    """SoftTriple's relaxed similarity to each class from ``sim [B, C·K]`` (class-major):
+    ``S_c = Σ_k softmax_k(s_ck / γ) · s_ck``, ``[B, C]``. γ → 0 gives ``max_k s_ck``; K = 1 gives ``s``."""
+    if k == 1:
+        return sim
+    s = sim.view(sim.shape[0], -1, k)
+    return (torch.softmax(s / gamma, dim=2) * s).sum(2)
+
+
+def check_classes(num_classes: int, name: str) -> None:
+    if isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes < 2:
+        raise ConfigError(f"{name} needs at least 2 classes (its denominator sums over the other classes)")
+
+
+@register("proxy_nca")
+class ProxyNCALoss(ProxyLoss):
+    """Proxy-NCA (Movshovitz-Attias, Toshev, Leung, Ioffe & Singh, ICCV 2017), with
+    ``d(x, p) = ‖x̂ − p̂‖²`` on L2-normalised embeddings and proxies:
+
+    ``ℓ = −log( e^{−d(x, p_y)} / Σ_{c≠y} e^{−d(x, p_c)} )``, mean over the batch.
+
+    The positive proxy is excluded from the denominator, so the loss can be negative (C = 2:
+    ``ℓ = d_pos − d_neg``). No temperature. Proxies are initialised as ``randn / 8`` (as ProxyNCA++'s
+    re-implementation). For the softmax form with a temperature, use ``proxy_nca_pp``.
+    """
+
+    def __init__(self, num_classes: int, embedding_size: int):
+        check_classes(num_classes, "proxy_nca")
+        super().__init__(num_classes, embedding_size)
+        self.proxies = nn.Parameter(torch.randn(num_classes, embedding_size) / 8)
+
+    def compute(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = -(2 - 2 * self.cosine(x))  # −‖x̂ − p̂‖²
+        pos = F.one_hot(labels, self.num_classes).bool()
+        positive = logits.gather(1, labels[:, None]).squeeze(1)
+        return (masked_logsumexp(logits, ~pos) - positive).mean()
+
+
+@register("proxy_nca_pp")
+class ProxyNCAPPLoss(ProxyLoss):
+    """ProxyNCA++ (Teh, DeVries & Taylor, ECCV 2020):
+
+    ``ℓ = −log softmax_c(−‖x̂ − p̂_c‖² / T)_y``, mean over the batch — the positive is in the denominator,
+    and the temperature T = 1/9 (the official code scales x̂ and p̂ by √(1/T) = 3), so this equals
+    ``cross_entropy(2·cos / T, y)``. ``epsilon`` > 0 smooths the target as the official code does
+    (``1 − ε`` on the true class, ``ε/(C − 1)`` elsewhere; default 0). Proxies ``randn / 8``.
+    The paper's "fast-moving proxies" are a learning rate: ``optimizer.loss_lr_mult`` (CUB: 4e2 / 4e-3,
+    i.e. 1e5, with Adam eps = 1). With ``temperature=1`` this is PML's ``ProxyNCALoss``.
+    """
+
+    hyper_parameters = ("temperature", "epsilon")
+
+    def __init__(self, num_classes: int, embedding_size: int, temperature: float = 1 / 9, epsilon: float = 0.0):
+        if epsilon > 0:
+            check_classes(num_classes, "proxy_nca_pp with label smoothing")
+        super().__init__(num_classes, embedding_size)
+        if temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        if not 0 <= epsilon < 1:
+            raise ConfigError(f"epsilon (label smoothing) must lie in [0, 1), got {epsilon}")
+        self.temperature, self.epsilon = float(temperature), float(epsilon)
+        self.proxies = nn.Parameter(torch.randn(num_classes, embedding_size) / 8)
+
+    def compute(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = -(2 - 2 * self.cosine(x)) / self.temperature
+        return smoothed_cross_entropy(logits, labels, self.epsilon)
+
+
+@register("normalized_softmax")
+class NormalizedSoftmaxLoss(ProxyLoss):
+    """Normalised softmax (Zhai & Wu, "Classification is a strong baseline for deep metric learning",
+    BMVC 2019 / arXiv 2018): ``cross_entropy(ŵ_cᵀx̂ / T, y)`` with L2-normalised class weights and
+    embeddings, temperature T = 0.05 (PML's default). Weights initialised as a linear layer's
+    (``kaiming_uniform_(a=√5)``). Equals PML's ``NormalizedSoftmaxLoss``.
+    """
+
+    hyper_parameters = ("temperature",)
+
+    def __init__(self, num_classes: int, embedding_size: int, temperature: float = 0.05):
+        super().__init__(num_classes, embedding_size)
+        if temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.proxies = nn.Parameter(torch.empty(num_classes, embedding_size))
+        nn.init.kaiming_uniform_(self.proxies, a=math.sqrt(5))
+
+    def compute(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.cosine(x) / self.temperature, labels)
+
+
+class MarginSoftmaxLoss(ProxyLoss):
+    """``cross_entropy(s · logits, y)`` with ``logits = cos θ_c`` except the target class's,
+    ``target(cos θ_y)``. Weights ``N(0, 0.01²)`` as in insightface."""
+
+    hyper_parameters = ("margin", "scale")
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: float, scale: float):
+        super().__init__(num_classes, embedding_size)
+        if scale <= 0:
+            raise ConfigError(f"scale must be > 0, got {scale}")
+        self.margin, self.scale = float(margin), float(scale)
+        self.proxies = nn.Parameter(torch.randn(num_classes, embedding_size) * 0.01)
+
+    def target(self, cos: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cos = self.cosine(x)
+        idx = labels[:, None]
+        logits = cos.scatter(1, idx, self.target(cos.gather(1, idx)))
+        return F.cross_entropy(self.scale * logits, labels)
+
+
+@register("arcface")
+class ArcFaceLoss(MarginSoftmaxLoss):
+    """ArcFace (Deng, Guo, Xue & Zafeiriou, CVPR 2019): additive angular margin, target logit
+    ``s · cos(θ_y + m)``, other logits ``s · cos θ_c``; m = 0.5 rad (28.6°), s = 64.
+
+    ``cos(θ + m) = cos θ cos m − sin θ sin m`` with ``sin θ = √max(1 − cos² θ, 1e-7)`` (no ``acos``, finite
+    gradients at cos = ±1); where θ + m > π it is replaced by ``cos θ − m sin m`` so the target logit keeps
+    decreasing in θ (insightface, PML). Equals PML's ``ArcFaceLoss(margin=degrees(m), scale=s)``.
+    """
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.5, scale: float = 64.0):
+        super().__init__(num_classes, embedding_size, margin, scale)
+
+    def target(self, cos: torch.Tensor) -> torch.Tensor:
+        m = self.margin
+        sin = torch.sqrt(torch.clamp(1 - cos * cos, min=1e-7))
+        shifted = cos * math.cos(m) - sin * math.sin(m)
+        return torch.where(cos > math.cos(math.pi - m), shifted, cos - m * math.sin(m))
+
+
+@register("cosface")
+class CosFaceLoss(MarginSoftmaxLoss):
+    """CosFace / large-margin cosine loss (Wang et al., CVPR 2018): target logit ``s · (cos θ_y − m)``,
+    other logits ``s · cos θ_c``; m = 0.35, s = 64. Equals PML's ``CosFaceLoss``."""
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.35, scale: float = 64.0):
+        super().__init__(num_classes, embedding_size, margin, scale)
+
+    def target(self, cos: torch.Tensor) -> torch.Tensor:
+        return cos - self.margin
+
+
+@register("soft_triple")
+class SoftTripleLoss(ProxyLoss):
+    """SoftTriple (Qian, Shang, Sun, Hu, Li & Jin, ICCV 2019), K centres per class (class-major
+    ``[C·K, D]``), cosine similarities ``s_ck``:
+
+    ``S_c = Σ_k softmax_k(s_ck / γ) s_ck``, ``L = cross_entropy(λ (S − δ·onehot(y)), y) + τ R``,
+    ``R = Σ_c Σ_{k<k'} √(2 + 1e-5 − 2 ŵ_ckᵀŵ_ck') / (C·K·(K − 1))`` (only when τ > 0 and K > 1; the sum over
+    unordered pairs with the ordered-pair count as divisor is the official code's).
+
+    Defaults from the official ``train.py``: λ (``la``) = 20, γ = 0.1, τ = 0.2, δ = 0.01, K = 10; centres
+    ``kaiming_uniform_(a=√5)`` on the ``[D, C·K]`` matrix, as the official code. R is computed per class
+    (memory C·K², not (C·K)²). Equals PML's ``SoftTripleLoss`` plus τ·R. Official centre lr: 1e-2
+    with model lr 1e-4 (``loss_lr_mult=100``).
+    """
+
+    hyper_parameters = ("la", "gamma", "tau", "delta")
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        proxies_per_class: int = 10,
+        la: float = 20.0,
+        gamma: float = 0.1,
+        tau: float = 0.2,
+        delta: float = 0.01,
+    ):
+        super().__init__(num_classes, embedding_size, proxies_per_class)
+        if gamma <= 0:
+            raise ConfigError(f"gamma must be > 0, got {gamma}")
+        self.la, self.gamma, self.tau, self.delta = float(la), float(gamma), float(tau), float(delta)
+        w = torch.empty(embedding_size, num_classes * proxies_per_class)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        self.proxies = nn.Parameter(w.T.contiguous())
+
+    def regularizer(self) -> torch.Tensor:
+        """R above, in float32 (float64 for a float64 module)."""
+        k = self.proxies_per_class
+        dtype = torch.float64 if self.proxies.dtype == torch.float64 else torch.float32
+        w = F.normalize(self.proxies.to(dtype), dim=1).view(self.num_classes, k, -1)
+        gram = w @ w.transpose(1, 2)  # [C, K, K]
+        upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=w.device), diagonal=1)
+        return torch.sqrt(2.0 + 1e-5 - 2.0 * gram[:, upper]).sum() / (self.num_classes * k * (k - 1))
+
+    def compute(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        s = relaxed_class_similarity(self.cosine(x), self.proxies_per_class, self.gamma)
+        margin = F.one_hot(labels, self.num_classes).to(s.dtype) * self.delta
+        loss = F.cross_entropy(self.la * (s - margin), labels)
+        if self.tau > 0 and self.proxies_per_class > 1:
+            loss = loss + self.tau * self.regularizer()
+        return loss
+
+
+@register("cross_entropy")
+class CrossEntropyLoss(ProxyLoss):
+    """Cross-entropy as a metric-learning loss (Boudiaf, Rony, Ziko, Granger, Pedersoli, Piantanida &
+    Ben Ayed, ECCV 2020): a linear classifier *with bias* on the **unnormalised** embeddings,
+    ``logits = W x + b`` (``W = self.proxies [C, D]``, ``b = self.bias [C]``, both initialised to zero),
+    dropout before it (p = 0.5, active in training mode only), trained with their label smoothing:
+    target ``1 − ε`` on the true class and ``ε/(C − 1)`` on the others (ε = 0.1) — not torch's
+    ``label_smoothing`` (ε/C everywhere). Computed as ``−Σ_c t_c log p_c`` (= KL(t‖p) + H(t), same
+    gradients as the official KL). At initialisation the loss is exactly ``log C``.
+
+    The rest of their recipe is the model's and optimiser's: ResNet-50 2048-d features (no
+    normalisation in the head), SGD with weight decay 5e-4, random sampler, cosine retrieval.
+    """
+
+    hyper_parameters = ("epsilon", "dropout")
+
+    def __init__(self, num_classes: int, embedding_size: int, epsilon: float = 0.1, dropout: float = 0.5):
+        if epsilon > 0:
+            check_classes(num_classes, "cross_entropy with label smoothing")
+        super().__init__(num_classes, embedding_size)
+        if not 0 <= epsilon < 1:
+            raise ConfigError(f"epsilon (label smoothing) must lie in [0, 1), got {epsilon}")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"dropout must lie in [0, 1), got {dropout}")
+        self.epsilon, self.dropout = float(epsilon), float(dropout)
+        self.proxies = nn.Parameter(torch.zeros(num_classes, embedding_size))
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+
+    def compute(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = F.dropout(x, self.dropout, self.training)
+        logits = F.linear(x, self.proxies.to(x.dtype), self.bias.to(x.dtype))
+        return smoothed_cross_entropy(logits, labels, self.epsilon)
+
+
+@register("multi_proxy_anchor")
+class MultiProxyAnchorLoss(ProxyLoss):
+    """Multi-Proxy Anchor (Saeki, Kawahara & Aman, arXiv 2110.03997), reconstructed from the abstract:
+    Proxy-Anchor (:class:`ProxyAnchorLoss`) applied to SoftTriple's relaxed class similarity
+    ``S(x, c) = Σ_k softmax_k(s_ck / γ) s_ck`` over K proxies per class (``[C·K, D]``, class-major).
+
+    K = 1 is exactly Proxy-Anchor; γ → 0 uses each class's closest proxy. α = 32, δ = 0.1 (Proxy-Anchor's);
+    K = 3 and γ = 0.1 are **not** checked against the paper. Proxies initialised as Proxy-Anchor's.
+    """
+
+    hyper_parameters = ("alpha", "delta", "gamma")
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        proxies_per_class: int = 3,
+        alpha: float = 32.0,
+        delta: float = 0.1,
+        gamma: float = 0.1,
+    ):
+        super().__init__(num_classes, embedding_size, proxies_per_class)
+        if gamma <= 0:
+            raise ConfigError(f"gamma must be > 0, got {gamma}")
+        self.alpha, self.delta, self.gamma = float(alpha), float(delta), float(gamma)
+        self.proxies = nn.Parameter(fan_out_normal(num_classes * proxies_per_class, embedding_size))
+
+    def compute(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        s = relaxed_class_similarity(self.cosine(x), self.proxies_per_class, self.gamma)
+        return proxy_anchor_terms(s, labels, self.alpha, self.delta)
