@@ -511,3 +511,21 @@ def test_multi_proxy_anchor_small_gamma_uses_the_closest_proxy():
     pa = build("proxy_anchor")
     set_proxies(pa, mpa.proxies.detach().view(C, k, D)[torch.arange(C), best[0]])
     assert mpa(x[:1], y[:1]).item() == pytest.approx(pa(x[:1], y[:1]).item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("case", ["proxy_anchor", "soft_triple", "arcface", "cross_entropy"])
+def test_autocast_is_disabled_inside_the_loss(case):
+    """Under mixed precision the logits and log-sum-exps stay float32 (CPU bfloat16 autocast here)."""
+    loss = build(case)
+    x, y = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = loss(x, y)
+    assert out.dtype == torch.float32
+    assert out.item() == pytest.approx(loss(x, y).item(), rel=1e-6)
+
+
+def test_cross_batch_memory_is_refused():
+    loss = build("proxy_anchor")
+    x, y = batch()
+    with pytest.raises(ConfigError, match="memory"):
+        loss(x, y, ref_embeddings=x, ref_labels=y)
