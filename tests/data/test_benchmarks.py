@@ -264,6 +264,19 @@ def test_sop_labels_and_super_classes(sop_root):
         data.build("sop", root=str(sop_root), split="test", **SIZE)
 
 
+def test_sop_rearranged_roth_layout(sop_root, tmp_path):
+    import shutil
+
+    roth = tmp_path / "roth" / "online_products"
+    shutil.copytree(sop_root, roth / "images")
+    (roth / "Info_Files").mkdir()
+    for name in ("Ebay_train.txt", "Ebay_test.txt"):
+        shutil.move(roth / "images" / name, roth / "Info_Files" / name)
+    test = _quiet("sop", root=str(roth.parent), split="test")
+    assert test.class_ids.tolist() == [11319, 11320, 11321] and test.super_classes == ["chair", "toaster"]
+    assert all(p.is_file() and p.parent.parent.name == "images" for p in test.paths)
+
+
 def test_sop_missing_or_malformed_index(sop_root):
     (sop_root / "Ebay_test.txt").unlink()
     with pytest.raises(DataError, match=r"Ebay_test\.txt.*cvgl\.stanford\.edu"):

@@ -436,7 +436,9 @@ class Cars196(IndexedImageDataset):
 class StanfordOnlineProducts(IndexedImageDataset):
     """Stanford Online Products (Oh Song et al 2016): 11,318 train / 11,316 test products, super-classes kept
 
-    ``super_labels[i]`` is the super-class (0..11) of item ``i``; ``super_classes`` names them.
+    ``super_labels[i]`` is the super-class (0..11) of item ``i``; ``super_classes`` names them. The
+    re-arranged layout of Roth et al. (``online_products/Info_Files/Ebay_*.txt`` with the images under
+    ``online_products/images/``) is read too.
     """
 
     key, title, folder = "sop", "Stanford Online Products", "Stanford_Online_Products"
@@ -447,8 +449,19 @@ class StanfordOnlineProducts(IndexedImageDataset):
     SUPER_CLASSES = ("bicycle", "cabinet", "chair", "coffee_maker", "fan", "kettle",
                      "lamp", "mug", "sofa", "stapler", "table", "toaster")
 
+    def _locate(self, root: Path) -> Path:
+        self._index_dir, self._prefix = "", ""
+        for candidate in (root, root / self.folder):
+            if (candidate / self.marker).exists():
+                return candidate
+        for candidate in (root, root / "online_products"):  # Roth et al.: Info_Files/ + images/
+            if (candidate / "Info_Files" / self.marker).exists():
+                self._index_dir, self._prefix = "Info_Files/", "images/"
+                return candidate
+        return super()._locate(root)
+
     def read_index(self, root: Path) -> list[Entry]:
-        path = self._require(root / f"Ebay_{self.split}.txt")
+        path = self._require(root / f"{self._index_dir}Ebay_{self.split}.txt")
         lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
         if not lines or lines[0][:3] != ["image_id", "class_id", "super_class_id"]:
             raise DataError(f"{path}: expected the header 'image_id class_id super_class_id path'")
@@ -456,7 +469,8 @@ class StanfordOnlineProducts(IndexedImageDataset):
         for n, parts in enumerate(lines[1:], 2):
             if len(parts) != 4:
                 raise DataError(f"{path}, line {n}: expected 4 columns, got {' '.join(parts)!r}")
-            entries.append(Entry(parts[3], _int(parts[1], path, "class_id"), self.split, _int(parts[2], path, "super_class_id")))
+            cid, super_id = _int(parts[1], path, "class_id"), _int(parts[2], path, "super_class_id")
+            entries.append(Entry(self._prefix + parts[3], cid, self.split, super_id))
         return entries
 
     def _loaded(self, entries: list[Entry]) -> None:
