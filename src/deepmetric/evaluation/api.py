@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 
@@ -108,19 +109,21 @@ def _ranking_pass(q, g, q_codes, g_codes, n_classes, n_rel, k, families, ks, dis
         return _per_query(rel, n_rel, families, ks)
     q_op, g_op = score_operands(q, distance, "query"), score_operands(gal, distance, "gallery")
     ptr = torch.cat([g_codes.new_zeros(1), torch.bincount(g_codes, minlength=n_classes).cumsum(0)])
-    self_index = torch.arange(len(q_codes), device=q_codes.device) if loo else None
-    rows, cols = retrieval.relevant_pairs(q_codes, torch.argsort(g_codes, stable=True), ptr, self_index)
-    bounds = torch.cat([n_rel.new_zeros(1), n_rel.cumsum(0)]).tolist()
+    by_class = torch.argsort(g_codes, stable=True)
+    # per score: 12 bytes, plus ~40 bytes per relevant pair (pairs, padded ranks) when classes are big
+    rows = chunk_rows(gal.shape[0], budget, 12 + math.ceil(40 * int(n_rel.max()) / gal.shape[0]))
     parts = []
-    for start, s in score_chunks(q_op, g_op, exclude_self=loo, rows=chunk_rows(gal.shape[0], budget)):
+    for start, s in score_chunks(q_op, g_op, exclude_self=loo, rows=rows):
         stop = start + s.shape[0]
         qc = q_codes[start:stop]
         if k:
-            rel = g_codes[topk_scores(s, k, heaps=backend == "faiss")[1]] == qc.unsqueeze(1)
+            heaps = backend == "faiss" and s.device.type == "cpu"
+            rel = g_codes[topk_scores(s, k, heaps=heaps)[1]] == qc.unsqueeze(1)
         else:
             rel = qc.new_zeros((len(qc), 0), dtype=torch.bool)
         values = _per_query(rel, n_rel[start:stop], families, ks)
-        pairs = rows[bounds[start] : bounds[stop]] - start, cols[bounds[start] : bounds[stop]]
+        self_index = torch.arange(start, stop, device=s.device) if loo else None
+        pairs = retrieval.relevant_pairs(qc, by_class, ptr, self_index)
         values["map"] = retrieval.average_precision(s, pairs, n_rel[start:stop], budget // _AP_BYTES)
         parts.append(values)
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
