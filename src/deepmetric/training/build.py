@@ -10,6 +10,7 @@ from torch import nn
 
 from deepmetric import data, losses, miners, models
 from deepmetric.data.base import MetricDataset, select_classes, split_classes
+from deepmetric.data.transforms import normalization_for
 from deepmetric.models import EmbeddingHead, EmbeddingModel
 from deepmetric.training.config import RunConfig, check_components
 
@@ -28,6 +29,8 @@ class Splits:
 
 def _data(cfg: RunConfig, split: str, augment: bool | None = None) -> MetricDataset:
     kwargs = dict(cfg.data.kwargs)
+    if "normalization" in data.DATASETS.parameters(cfg.data.name):  # match the backbone's input statistics
+        kwargs.setdefault("normalization", normalization_for(cfg.model.backbone))
     if augment is not None and "augment" in data.DATASETS.parameters(cfg.data.name):
         kwargs["augment"] = augment
     return data.build(cfg.data.name, root=cfg.data.root, split=split, **kwargs)
