@@ -68,3 +68,9 @@ def test_head_and_frozen_bn():
     assert head.bn.training  # the head's BN is not frozen
     raw = EmbeddingHead(8, 4, normalize=False)(torch.ones(2, 8) * 10)
     assert not torch.allclose(raw.norm(dim=1), torch.ones(2))
+
+
+def test_paper_aliases():
+    assert {"resnet50", "dino_vits16", "vit_small_patch16_224", "small_cnn"} <= set(models.available())
+    net = models.build("dino_vits16")
+    assert net.num_features == 384

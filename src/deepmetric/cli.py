@@ -142,6 +142,9 @@ def list_(kind: Annotated[Kind, typer.Argument(help="What to list.")]) -> None:
     for name in registry.available():
         paragraph = " ".join((registry.get(name).__doc__ or "").strip().split("\n\n")[0].split())
         table.add_row(name, paragraph.split(". ")[0].rstrip(":. ").replace("``", ""))
+    if kind is Kind.backbones:
+        for alias, target in models.backbones.ALIASES.items():
+            table.add_row(alias, f"alias of {target}")
     out_console.print(table)
     if kind is Kind.backbones:
         out_console.print("Any timm or torchvision model name works too (e.g. resnet50, vit_small_patch16_224); "

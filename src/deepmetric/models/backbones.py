@@ -19,6 +19,13 @@ from deepmetric.registry import Registry
 
 BACKBONES: Registry[nn.Module] = Registry("backbone")
 
+#: Short names used in DML papers -> the timm / torchvision model they denote.
+ALIASES = {
+    "resnet50": "timm:resnet50",
+    "vit_small_patch16_224": "timm:vit_small_patch16_224",
+    "dino_vits16": "timm:vit_small_patch16_224.dino",
+}
+
 
 @BACKBONES.register("small_cnn")
 class SmallCNN(nn.Module):
@@ -107,7 +114,8 @@ def _torchvision(name: str, pretrained: bool, pretrained_path: str | None, **kwa
 
 
 def build(name: str, pretrained: bool = False, pretrained_path: str | None = None, **kwargs: Any) -> nn.Module:
-    """Build backbone ``name``: registered, else timm, else torchvision (``timm:``/``torchvision:`` force one)."""
+    """Build backbone ``name``: registered, an alias, else timm, else torchvision (``timm:``/``torchvision:`` force one)."""
+    name = ALIASES.get(name, name)
     source, _, bare = name.rpartition(":")
     if not source and name in BACKBONES:
         if pretrained or pretrained_path:
@@ -130,5 +138,5 @@ def build(name: str, pretrained: bool = False, pretrained_path: str | None = Non
 
 
 def available() -> list[str]:
-    """Registered backbone names (any timm / torchvision model name is accepted by :func:`build` too)."""
-    return BACKBONES.available()
+    """Registered backbone names and aliases (any timm / torchvision model name is accepted by :func:`build` too)."""
+    return sorted(BACKBONES.available() + list(ALIASES))
