@@ -100,9 +100,15 @@ def chunk_rows(n_cols: int, memory_budget: int, bytes_per_score: int = _BYTES_PE
 def score_chunks(
     q_op: torch.Tensor, g_op: torch.Tensor, *, exclude_self: bool, rows: int
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(start, scores[start:start + rows])``; in leave-one-out mode the self-score is ``-inf``."""
+    """Yield ``(start, scores[start:start + rows])``; in leave-one-out mode the self-score is ``-inf``.
+
+    Every chunk is written into the same buffer (fresh multi-MB allocations cost page faults that can
+    take longer than the product), so a yielded chunk is only valid until the next one.
+    """
+    buffer = torch.empty(min(rows, q_op.shape[0]), g_op.shape[0], device=q_op.device)
     for start in range(0, q_op.shape[0], rows):
-        s = q_op[start : start + rows] @ g_op.T
+        q = q_op[start : start + rows]
+        s = torch.mm(q, g_op.T, out=buffer[: q.shape[0]])
         if exclude_self:
             s[:, start : start + s.shape[0]].diagonal().fill_(-torch.inf)
         yield start, s

@@ -19,8 +19,6 @@ them. All results are float64 tensors of shape ``[Q]``.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 
@@ -88,9 +86,10 @@ def _count_at_least(scores: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     return (scores >= floor.unsqueeze(1)).sum(dim=1)
 
 
-def _top_ascending(scores: torch.Tensor, group: torch.Tensor, k: int) -> torch.Tensor:
-    """The k largest scores of the rows ``group``, sorted ascending (numpy's SIMD partition + sort on CPU)."""
-    rows = scores[group]
+def _top_ascending(scores: torch.Tensor, group: torch.Tensor, k: int, buffer: torch.Tensor) -> torch.Tensor:
+    """The k largest scores of the rows ``group``, sorted ascending (numpy's SIMD partition + sort on
+    CPU); the rows are gathered into ``buffer``, reused to spare page faults."""
+    rows = torch.index_select(scores, 0, group, out=buffer[: group.numel()])
     if scores.device.type != "cpu":
         return rows.topk(k, dim=1).values.flip(1)
     a = rows.numpy()
@@ -101,7 +100,8 @@ def _top_ascending(scores: torch.Tensor, group: torch.Tensor, k: int) -> torch.T
 
 
 def _row_groups(counts: torch.Tensor, max_elements: int, max_rows: int = 256) -> list[torch.Tensor]:
-    """Rows ordered by count, cut into groups whose padded size rows x max(count) fits the budget."""
+    """Rows ordered by count, cut into groups of at most ``max_rows`` whose padded size
+    rows x max(count) fits ``max_elements``."""
     order = counts.argsort().tolist()
     sizes = counts.tolist()
     groups, current = [], []
@@ -142,13 +142,13 @@ def average_precision(
     greater = torch.zeros(pos_pad.shape, dtype=torch.long, device=scores.device)
     at_least = torch.zeros_like(greater)
     counts = _count_at_least(scores, floor)
-    groups = _row_groups(counts, max_elements // 2)
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:  # numpy sorts release the GIL
-        tops = pool.map(lambda g: _top_ascending(scores, g, int(counts[g[-1]])), groups)
-        for group, top in zip(groups, tops):
-            k, p = top.shape[1], pos_pad[group]
-            greater[group] = k - torch.searchsorted(top, p, right=True)
-            at_least[group] = k - torch.searchsorted(top, p, right=False)
+    groups = _row_groups(counts, max_elements)
+    buffer = scores.new_empty(max((g.numel() for g in groups), default=0), n_cols)
+    for group in groups:
+        top = _top_ascending(scores, group, int(counts[group[-1]]), buffer)
+        k, p = top.shape[1], pos_pad[group]
+        greater[group] = k - torch.searchsorted(top, p, right=True)
+        at_least[group] = k - torch.searchsorted(top, p, right=False)
     rank = greater[rows, slot] + 1
     tied = (at_least[rows, slot] - greater[rows, slot] > 1).nonzero().squeeze(1)
     step = max(1, max_elements // max(n_cols, 1))
