@@ -21,11 +21,12 @@ still count as neighbours.
 byte budget, so memory is ``O(chunk * |G| + |Q| * k)``; the ``|Q| x |G|`` matrix is never built
 unless it fits in the budget.
 
-**Backends.** ``torch``: chunked matrix product + ``topk``, on the input's device. ``faiss`` (CPU):
-an exact ``IndexFlatIP`` on the same operands; for cosine leave-one-out it instead walks the upper
-triangle of ``B x B`` blocks of ``S = X X^T`` and feeds each block to faiss' top-k heaps of its rows
-and, through a threshold test, of its columns, which halves the matrix-product work. ``auto`` = faiss on CPU when
-installed (its heaps select faster than ``torch.topk`` there), torch otherwise.
+**Backends.** ``torch``: chunked matrix product + ``topk``, on the input's device. ``faiss``: an exact
+``IndexFlatIP`` on the same operands (on the GPU for CUDA inputs when faiss-gpu is installed, else on
+the CPU); for CPU cosine leave-one-out it instead walks the upper triangle of ``B x B`` blocks of
+``S = X X^T`` and feeds each block to faiss' top-k heaps of its rows and, through a threshold test,
+of its columns, which halves the matrix-product work. ``auto`` = faiss on CPU when installed (its
+heaps select faster than ``torch.topk`` there), torch otherwise.
 """
 
 from __future__ import annotations
@@ -252,6 +253,8 @@ def _knn_faiss(q_op, g_op, k, exclude_self):
     q_np = np.ascontiguousarray(q_op.cpu().numpy())
     g_np = np.ascontiguousarray(g_op.cpu().numpy())
     index = faiss.IndexFlatIP(g_np.shape[1])
+    if q_op.is_cuda and faiss_gpus():  # faiss-gpu: the same exact flat index on the input's GPU
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), q_op.device.index or 0, index)
     index.add(g_np)
     n_g = g_np.shape[0]
     kk = min(k + 1 + int(exclude_self), n_g)  # one extra column to detect a tie at the k-th place
@@ -265,6 +268,13 @@ def _knn_faiss(q_op, g_op, k, exclude_self):
         v, i = v[keep].view(-1, kk - 1), i[keep].view(-1, kk - 1)
     values, indices = sort_by_key(v, i)
     return _fix_boundary_ties(values, indices, k, q_op.cpu(), g_op.cpu(), exclude_self)
+
+
+def faiss_gpus() -> int:
+    """Number of GPUs faiss can use (0 for faiss-cpu)."""
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -310,9 +320,10 @@ def knn(
     q_op = score_operands(query, distance, "query")
     g_op = score_operands(g, distance, "gallery")
     backend = resolve_backend(backend, query.device)
-    block = symmetric_block(query.shape[0], budget) if exclude_self and distance == "cosine" else 0
+    on_cpu = query.device.type == "cpu"
+    block = symmetric_block(query.shape[0], budget) if exclude_self and distance == "cosine" and on_cpu else 0
     if backend == "faiss" and block:
-        values, indices = _knn_faiss_symmetric(q_op.cpu(), k, block)
+        values, indices = _knn_faiss_symmetric(q_op, k, block)
     elif backend == "faiss":
         values, indices = _knn_faiss(q_op, g_op, k, exclude_self)
     else:
