@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import json
 import time
 from enum import Enum
 from pathlib import Path
@@ -117,7 +116,7 @@ def evaluate(
         json_out = json_out or run_dir / f"eval_{checkpoint}.json"
         title = f"{run_dir} ({checkpoint} checkpoint)"
     out_console.print(metrics_table({"embedding": results}, title))
-    json_out.write_text(json.dumps(results, indent=2))
+    evaluation.write_json(results, json_out)
     out_console.print(f"wrote {json_out}")
 
 
