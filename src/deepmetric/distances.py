@@ -4,9 +4,9 @@
 single matmul ``(G + Gᵀ) x`` instead of two). Half-precision inputs are computed in float32; float64 stays
 float64. Registry keys: ``cosine`` (similarity: higher = closer), ``euclidean``, ``squared_euclidean``.
 
-Euclidean distance is ``d = sqrt(max(d², eps))`` with ``d² = ‖a‖² + ‖b‖² − 2aᵀb`` clamped at 0, and
-``d = 0`` (with zero gradient) where ``d² ≤ eps``: the gradient of ``sqrt`` is infinite at 0, so identical
-points would otherwise give NaN.
+Euclidean distances come from ``d² = ‖a‖² + ‖b‖² − 2aᵀb`` (one GEMM, updated in place), with
+``d² ≤ eps`` set to 0 and a hand-written backward in which ``d = sqrt(d²)`` has zero gradient at
+``d = 0``: the gradient of ``sqrt`` is infinite at 0, so identical points would otherwise give NaN.
 """
 
 from __future__ import annotations
@@ -15,14 +15,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from deepmetric.registry import Registry
 
 DISTANCES: Registry[Distance] = Registry("distance")
 
 
+def _sym_matmul(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``(g + gᵀ) @ x``: two GEMMs for small D, else one transposed add and one GEMM (cheaper there)."""
+    if x.shape[1] < 256:
+        return torch.addmm(g @ x, g.T, x)
+    return (g + g.T) @ x
+
+
 class _Gram(torch.autograd.Function):
-    """``x @ xᵀ`` with the backward ``(g + gᵀ) @ x`` (one matmul; autograd's default takes two)."""
+    """``x @ xᵀ`` with the backward ``(g + gᵀ) @ x`` (autograd's default would be two full products
+    plus an accumulation)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -30,9 +39,43 @@ class _Gram(torch.autograd.Function):
         return x @ x.T
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        return (grad + grad.T) @ x
+        return _sym_matmul(grad, x)
+
+
+class _PairwiseEuclidean(torch.autograd.Function):
+    """``d²_ij = ‖x_i − y_j‖²`` (``root=False``) or ``d_ij`` (``root=True``) in place on the Gram
+    product, with a hand-written backward: ``∂d²/∂x_i = 2(x_i − y_j)``; for ``d`` the gradient is
+    ``1/(2d)`` of that where ``d > 0`` and 0 where ``d = 0``. ``y=None`` means ``y = x``.
+    Values with ``d² ≤ eps`` are set to exactly 0 (identical points, rounding noise)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor | None, root: bool, eps: float) -> torch.Tensor:
+        ref = x if y is None else y
+        nx = (x * x).sum(1)
+        ny = nx if y is None else (ref * ref).sum(1)
+        d = torch.addmm(nx[:, None], x, ref.T, alpha=-2.0).add_(ny[None, :])
+        F.threshold(d, eps, 0.0, inplace=True)
+        if root:
+            d.sqrt_()
+        ctx.root = root
+        ctx.save_for_backward(x, y, d)
+        return d
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, y, d = ctx.saved_tensors
+        if ctx.root:  # ∂d/∂d² = 1/(2d), 0 at d = 0
+            grad = torch.reciprocal(d).nan_to_num_(posinf=0.0).mul_(grad).mul_(0.5)
+        if y is None:
+            rows = grad.sum(1) + grad.sum(0)
+            return 2 * (rows[:, None] * x - _sym_matmul(grad, x)), None, None, None
+        gx = 2 * (grad.sum(1)[:, None] * x - grad @ y) if ctx.needs_input_grad[0] else None
+        gy = 2 * (grad.sum(0)[:, None] * y - grad.T @ x) if ctx.needs_input_grad[1] else None
+        return gx, gy, None, None
 
 
 def as_compute_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -85,14 +128,6 @@ class Distance:
         return f"{type(self).__name__}(normalize={self.normalize}, chunk_size={self.chunk_size})"
 
 
-def _squared(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-    g = gram(x, y)
-    if y is None:
-        n = g.diagonal()
-        return (n[:, None] + n[None, :] - 2 * g).clamp_(min=0)
-    return ((x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * g).clamp_(min=0)
-
-
 @DISTANCES.register("cosine")
 class CosineSimilarity(Distance):
     """Cosine similarity ``s_ij = x̂_iᵀ ŷ_j`` with ``x̂ = x/‖x‖`` (a similarity: higher = closer)."""
@@ -108,23 +143,23 @@ class CosineSimilarity(Distance):
 
 @DISTANCES.register("squared_euclidean")
 class SquaredEuclidean(Distance):
-    """``d²_ij = ‖x_i − y_j‖²`` via ``‖x‖² + ‖y‖² − 2xᵀy``, clamped at 0."""
-
-    def _matrix(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        return _squared(x, y)
-
-
-@DISTANCES.register("euclidean")
-class Euclidean(Distance):
-    """``d_ij = ‖x_i − y_j‖``, computed as ``sqrt(max(d², eps))`` and set to 0 where ``d² ≤ eps``."""
+    """``d²_ij = ‖x_i − y_j‖²`` via ``‖x‖² + ‖y‖² − 2xᵀy``; values ≤ ``eps`` (rounding noise) are 0."""
 
     def __init__(self, normalize: bool = False, chunk_size: int | None = None, eps: float = 1e-8):
         super().__init__(normalize=normalize, chunk_size=chunk_size)
         self.eps = eps
 
     def _matrix(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        d2 = _squared(x, y)
-        return d2.clamp(min=self.eps).sqrt().masked_fill(d2 <= self.eps, 0.0)
+        return _PairwiseEuclidean.apply(x, y, False, self.eps)
+
+
+@DISTANCES.register("euclidean")
+class Euclidean(SquaredEuclidean):
+    """``d_ij = ‖x_i − y_j‖ = sqrt(d²)``, exactly 0 with zero gradient where ``d² ≤ eps`` (so identical
+    points give no NaN)."""
+
+    def _matrix(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return _PairwiseEuclidean.apply(x, y, True, self.eps)
 
 
 def build(name: str, **kwargs: Any) -> Distance:

@@ -12,14 +12,14 @@ Registry keys: ``all_pairs``, ``all_triplets``, ``batch_hard``, ``semi_hard``, `
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from deepmetric.errors import ConfigError
-from deepmetric.losses.base import Batch, Indices, label_masks, make_distance, padded_rows, prepare
+from deepmetric.losses.base import BIG, Batch, Indices, Pairs, make_distance, make_pairs, prepare
 from deepmetric.losses.pair import multi_similarity_mining
 from deepmetric.registry import Registry
 
@@ -53,30 +53,19 @@ def _anchor_chunks(n_anchors: int, per_anchor: int) -> Iterator[slice]:
         yield slice(start, min(start + step, n_anchors))
 
 
-def _per_positive(
-    dist: torch.Tensor,
-    pos: torch.Tensor,
-    neg: torch.Tensor,
-    select: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]],
-) -> Indices:
-    """Run ``select(d_ap [c, K, 1], d_an [c, 1, R], neg [c, 1, R])`` on anchor chunks of every positive pair.
+def _positive_pairs(pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    a, k = (pairs.pos_w > 0).nonzero(as_tuple=True)
+    return a, pairs.pos_idx[a, k]
 
-    ``select`` returns ``(n [c, K], ok [c, K])`` (one negative per positive pair) and the result is the
-    triplets ``(a, p, n)`` of the valid pairs with ``ok``.
-    """
-    p_idx, p_valid = padded_rows(pos)
-    out_a, out_p, out_n = [], [], []
-    for rows in _anchor_chunks(dist.shape[0], p_idx.shape[1] * dist.shape[1]):
-        d = dist[rows]
-        d_ap = d.gather(1, p_idx[rows])[:, :, None]
-        n, ok = select(d_ap, d[:, None, :], neg[rows][:, None, :])
-        keep = p_valid[rows] & ok
-        a_loc, k = keep.nonzero(as_tuple=True)
-        out_a.append(a_loc + rows.start)
-        out_p.append(p_idx[rows][a_loc, k])
-        out_n.append(n[a_loc, k])
-    empty = dist.new_zeros(0, dtype=torch.long)
-    return tuple(torch.cat(t) if t else empty for t in (out_a, out_p, out_n))
+
+def _both(pairs: Pairs) -> torch.Tensor:
+    """Anchors with at least one positive and one negative."""
+    return ((pairs.pos_w.sum(1) > 0) & (pairs.neg.sum(1) > 0)).nonzero(as_tuple=True)[0]
+
+
+def _random_choice(weights: torch.Tensor) -> torch.Tensor:
+    """Per row, a uniformly random column among those with weight > 0 (arbitrary if there is none)."""
+    return (torch.rand(weights.shape, device=weights.device) + 2 * (weights > 0).to(weights.dtype)).argmax(-1)
 
 
 @MINERS.register("all_pairs")
@@ -84,8 +73,8 @@ class AllPairsMiner(Miner):
     """Every positive pair ``(a1, p)`` and every negative pair ``(a2, n)``."""
 
     def mine(self, b: Batch) -> Indices:
-        pos, neg = label_masks(b)
-        return (*pos.nonzero(as_tuple=True), *neg.nonzero(as_tuple=True))
+        pairs = make_pairs(b, None)
+        return (*_positive_pairs(pairs), *(pairs.neg > 0).nonzero(as_tuple=True))
 
 
 @MINERS.register("all_triplets")
@@ -93,10 +82,9 @@ class AllTripletsMiner(Miner):
     """Every triplet ``(a, p, n)`` with ``y_a = y_p ≠ y_n`` (B·K·R of them: large, use with care)."""
 
     def mine(self, b: Batch) -> Indices:
-        pos, neg = label_masks(b)
-        p_idx, p_valid = padded_rows(pos)
-        a, k, n = (p_valid[:, :, None] & neg[:, None, :]).nonzero(as_tuple=True)
-        return a, p_idx[a, k], n
+        pairs = make_pairs(b, None)
+        a, k, n = ((pairs.pos_w > 0)[:, :, None] & (pairs.neg > 0)[:, None, :]).nonzero(as_tuple=True)
+        return a, pairs.pos_idx[a, k], n
 
 
 class _DistanceMiner(Miner):
@@ -123,17 +111,11 @@ class BatchHardMiner(_DistanceMiner):
 
     def mine(self, b: Batch) -> Indices:
         d = self.dissimilarity(b)
-        pos, neg = label_masks(b)
-        inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
-        p = torch.where(pos, d, -inf).argmax(1)
-        n = torch.where(neg, d, inf).argmin(1)
-        (a,) = (pos.any(1) & neg.any(1)).nonzero(as_tuple=True)
-        return a, p[a], n[a]
-
-
-def _random_choice(mask: torch.Tensor) -> torch.Tensor:
-    """One uniformly random True column per row of ``[..., R]`` (arbitrary where a row has none)."""
-    return torch.rand(mask.shape, device=mask.device).masked_fill_(~mask, -1.0).argmax(-1)
+        pairs = make_pairs(b, None)
+        a = _both(pairs)
+        k = (pairs.positives(d) + pairs.pos_add).argmax(1)
+        n = (d - pairs.neg_add).argmin(1)
+        return a, pairs.pos_idx[a, k[a]], n[a]
 
 
 @MINERS.register("semi_hard")
@@ -165,40 +147,38 @@ class SemiHardMiner(_DistanceMiner):
 
     def mine(self, b: Batch) -> Indices:
         d = self.dissimilarity(b)
-        pos, neg = label_masks(b)
+        pairs = make_pairs(b, None)
         if self.convention == "roth":
-            return self._roth(d, pos, neg)
-        if self.convention == "all":
-            return self._all(d, pos, neg)
-        return _per_positive(d, pos, neg, self._facenet)
-
-    @staticmethod
-    def _facenet(d_ap, d_an, neg):
-        inf = torch.tensor(float("inf"), dtype=d_an.dtype, device=d_an.device)
-        outside = neg & (d_an > d_ap)
-        nearest_outside = torch.where(outside, d_an, inf).argmin(-1)
-        farthest = torch.where(neg, d_an, -inf).argmax(-1)
-        n = torch.where(outside.any(-1), nearest_outside, farthest)
-        return n, neg.any(-1).expand_as(n)
-
-    def _all(self, d, pos, neg) -> Indices:
-        p_idx, p_valid = padded_rows(pos)
+            return self._roth(d, pairs)
+        d_ap = pairs.positives(d)
+        pos_ok = pairs.pos_w > 0
+        neg_ok = pairs.neg > 0
+        d_neg = d - pairs.neg_add  # non-negatives at +BIG
+        farthest = (d + pairs.neg_add).argmax(1)
+        has_neg = neg_ok.any(1)
         out = []
-        for rows in _anchor_chunks(d.shape[0], p_idx.shape[1] * d.shape[1]):
-            d_ap = d[rows].gather(1, p_idx[rows])[:, :, None]
-            d_an = d[rows][:, None, :]
-            ok = p_valid[rows][:, :, None] & neg[rows][:, None, :] & (d_an > d_ap) & (d_an < d_ap + self.margin)
-            a, k, n = ok.nonzero(as_tuple=True)
-            out.append((a + rows.start, p_idx[rows][a, k], n))
+        for rows in _anchor_chunks(d.shape[0], d_ap.shape[1] * d.shape[1]):
+            ap, an = d_ap[rows][:, :, None], d[rows][:, None, :]
+            if self.convention == "all":
+                ok = (an > ap) & (an < ap + self.margin) & neg_ok[rows][:, None, :] & pos_ok[rows][:, :, None]
+                a, k, n = ok.nonzero(as_tuple=True)
+            else:  # facenet
+                masked = d_neg[rows][:, None, :] + (an <= ap).to(d.dtype) * BIG
+                nearest, n_near = masked.min(-1)
+                n_all = torch.where(nearest < BIG / 2, n_near, farthest[rows][:, None])
+                a, k = (pos_ok[rows] & has_neg[rows][:, None]).nonzero(as_tuple=True)
+                n = n_all[a, k]
+            out.append((a + rows.start, pairs.pos_idx[rows][a, k], n))
         return tuple(torch.cat(t) for t in zip(*out))
 
-    def _roth(self, d, pos, neg) -> Indices:
-        (a,) = (pos.any(1) & neg.any(1)).nonzero(as_tuple=True)
-        p = _random_choice(pos[a])
+    def _roth(self, d: torch.Tensor, pairs: Pairs) -> Indices:
+        a = _both(pairs)
+        k = _random_choice(pairs.pos_w[a])
+        p = pairs.pos_idx[a, k]
         d_a = d[a]
         d_ap = d_a.gather(1, p[:, None])
-        window = neg[a] & (d_a > d_ap) & (d_a < d_ap + self.margin)
-        n = torch.where(window.any(1), _random_choice(window), _random_choice(neg[a]))
+        window = pairs.neg[a] * ((d_a > d_ap) & (d_a < d_ap + self.margin)).to(d.dtype)
+        n = torch.where(window.sum(1) > 0, _random_choice(window), _random_choice(pairs.neg[a]))
         return a, p, n
 
     def extra_repr(self) -> str:
@@ -211,18 +191,18 @@ def distance_weights(
     """Distance-weighted sampling probabilities (Wu et al., ICCV 2017) for the negatives of each row.
 
     For unit vectors in R^n, pairwise distances have density ``q(d) ∝ d^{n−2} (1 − d²/4)^{(n−3)/2}``;
-    negatives get ``w ∝ 1/q(max(d, cutoff))``, computed in log space with the row maximum subtracted,
-    ``w = 0`` for non-negatives and for ``d ≥ nonzero_loss_cutoff`` (zero margin loss), rows normalised
-    to 1. A row with negatives but no admissible one is uniform over its negatives; a row without
-    negatives is all zeros.
+    negatives (``neg``: 0/1 float or bool ``[B, R]``) get ``w ∝ 1/q(max(d, cutoff))``, computed in log
+    space with the row maximum subtracted, ``w = 0`` for non-negatives and for ``d ≥ nonzero_loss_cutoff``
+    (zero margin loss), rows normalised to 1. A row with negatives but no admissible one is uniform over
+    its negatives; a row without negatives is all zeros.
     """
+    neg = neg.to(d.dtype)
     dc = d.clamp(min=cutoff)
     log_w = (2.0 - dim) * dc.log() - ((dim - 3) / 2) * (1 - 0.25 * dc * dc).clamp(min=1e-8).log()
-    allowed = neg & (d < nonzero_loss_cutoff)
-    log_w = log_w.masked_fill(~allowed, float("-inf"))
-    row_max = log_w.amax(1, keepdim=True)
-    w = torch.exp(log_w - torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)))
-    w = torch.where(allowed.any(1, keepdim=True), w, neg.to(w.dtype))
+    allowed = neg * (d < nonzero_loss_cutoff).to(d.dtype)
+    log_w = log_w + (allowed - 1) * BIG
+    w = torch.exp(log_w - log_w.amax(1, keepdim=True).clamp(min=-BIG / 2))
+    w = w + neg * (allowed.sum(1, keepdim=True) == 0).to(d.dtype)  # all-zero rows: uniform over negatives
     return w / w.sum(1, keepdim=True).clamp(min=torch.finfo(w.dtype).tiny)
 
 
@@ -246,19 +226,16 @@ class DistanceWeightedMiner(Miner):
 
     def mine(self, b: Batch) -> Indices:
         d = self.distance(b.x, b.ref)
-        pos, neg = label_masks(b)
-        w = distance_weights(d, neg, b.x.shape[1], self.cutoff, self.nonzero_loss_cutoff)
-        p_idx, p_valid = padded_rows(pos)
-        has_neg = neg.any(1)
-        keep = p_valid & has_neg[:, None]
-        if p_idx.shape[1] == 0 or not bool(keep.any()):
+        pairs = make_pairs(b, None)
+        rows = _both(pairs)
+        k = pairs.pos_idx.shape[1]
+        if rows.numel() == 0:
             empty = d.new_zeros(0, dtype=torch.long)
             return empty, empty, empty
-        rows = has_neg.nonzero(as_tuple=True)[0]
-        n = torch.zeros_like(p_idx)
-        n[rows] = torch.multinomial(w[rows], p_idx.shape[1], replacement=True)
-        a, k = keep.nonzero(as_tuple=True)
-        return a, p_idx[a, k], n[a, k]
+        w = distance_weights(d[rows], pairs.neg[rows], b.x.shape[1], self.cutoff, self.nonzero_loss_cutoff)
+        n = torch.multinomial(w, k, replacement=True)
+        r, j = (pairs.pos_w[rows] > 0).nonzero(as_tuple=True)
+        return rows[r], pairs.pos_idx[rows][r, j], n[r, j]
 
     def extra_repr(self) -> str:
         return f"cutoff={self.cutoff}, nonzero_loss_cutoff={self.nonzero_loss_cutoff}"
@@ -275,8 +252,8 @@ class MultiSimilarityMiner(Miner):
         self.distance = make_distance("cosine", True)
 
     def mine(self, b: Batch) -> Indices:
-        pos, neg = multi_similarity_mining(self.distance(b.x, b.ref), *label_masks(b), self.epsilon)
-        return (*pos.nonzero(as_tuple=True), *neg.nonzero(as_tuple=True))
+        pairs = multi_similarity_mining(self.distance(b.x, b.ref), make_pairs(b, None), self.epsilon)
+        return (*_positive_pairs(pairs), *(pairs.neg > 0).nonzero(as_tuple=True))
 
     def extra_repr(self) -> str:
         return f"epsilon={self.epsilon}"

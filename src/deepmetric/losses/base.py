@@ -5,8 +5,9 @@
   (self-pairs) is excluded; with references (e.g. a cross-batch memory), every anchor-reference pair counts.
 * Index tuples from miners: pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``, anchors indexing
   ``embeddings`` and ``p``/``n`` indexing the references. :func:`to_pairs` converts triplets to pairs;
-  :func:`pair_masks` turns labels or any tuple into dense ``[B, R]`` positive/negative masks;
-  :func:`padded_rows` lists each anchor's positives, which is how pairs become (all) triplets.
+  :func:`make_pairs` turns labels or any tuple into :class:`Pairs` (each anchor's positives as padded
+  ``[B, K]`` rows, negatives as a dense ``[B, R]`` float mask), which is also how pairs become (all)
+  triplets.
 * :func:`masked_logsumexp` (``log Σ e^x`` or ``log(1 + Σ e^x)`` over a mask, finite gradients even for
   empty rows) and :func:`reduce` (``mean`` / ``avg_nonzero`` / ``sum`` over a mask).
 
@@ -127,47 +128,96 @@ def to_pairs(indices: Indices) -> Indices:
     return (indices[0], indices[1], indices[0], indices[2]) if len(indices) == 3 else tuple(indices)
 
 
-def label_masks(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pos[i, j]``: same label (``i ≠ j`` without references); ``neg[i, j]``: different label."""
-    same = b.labels[:, None] == b.ref_labels[None, :]
-    neg = ~same
-    if b.self_ref:
-        same.fill_diagonal_(False)
-    return same, neg
+BIG = 1e30  # additive-mask magnitude: exp(x - BIG) == 0 in float32 and float64
 
 
-def pair_masks(b: Batch, indices: Indices | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positive/negative ``[B, R]`` masks from the labels, or from mined ``indices`` (pairs or triplets).
+def label_positives(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each anchor's same-label references (without the anchor itself when the batch is its own
+    reference), left-aligned in ``[B, K]`` rows; returns ``(idx, valid)``.
 
-    Mined tuples are trusted (not re-checked against the labels); a pair mined several times counts once.
+    O(B·K + R log R) (a sort and a binary search), no ``[B, R]`` work.
     """
-    if indices is None:
-        return label_masks(b)
+    order = torch.argsort(b.ref_labels, stable=True)
+    sorted_labels = b.ref_labels[order].contiguous()
+    start = torch.searchsorted(sorted_labels, b.labels)
+    count = torch.searchsorted(sorted_labels, b.labels, right=True) - start
+    if b.self_ref:  # skip the anchor's own slot in its class block
+        rank_self = torch.empty_like(order)
+        rank_self[order] = torch.arange(order.numel(), device=order.device)
+        rank_self -= start
+        count = count - 1
+    k = max(int(count.max()) if count.numel() else 0, 1)  # K ≥ 1 keeps row reductions defined
+    slots = torch.arange(k, device=order.device)[None, :]
+    offset = slots + (slots >= rank_self[:, None]) if b.self_ref else slots
+    cols = (start[:, None] + offset).clamp(max=max(order.numel() - 1, 0))
+    return order[cols], slots < count[:, None]
+
+
+@dataclass
+class Pairs:
+    """Positive and negative pairs of a batch, in the form the losses consume.
+
+    * ``pos_idx [B, K]``, ``pos_w [B, K]``: each anchor's positives as padded rows (gather a ``[B, R]``
+      matrix with :meth:`positives`); ``pos_w`` is 1 for a pair (its multiplicity with
+      ``multiplicity=True``), 0 for padding. K is small (positives per anchor), so positive-side work
+      is O(B·K).
+    * ``neg [B, R]``: negative pairs as a dense 0/1 (or multiplicity) matrix.
+
+    Masks are float: on CPU, bool ``where``/``masked_fill``/``sum`` over ``[B, R]`` cost several times a
+    float multiply. Excluded entries of a log-sum-exp are removed by adding ``-BIG`` (:attr:`neg_add`).
+    """
+
+    pos_idx: torch.Tensor
+    pos_w: torch.Tensor
+    neg: torch.Tensor
+
+    def positives(self, m: torch.Tensor) -> torch.Tensor:
+        """``m[a, p]`` for every (padded) positive pair, ``[B, K]``."""
+        return m.gather(1, self.pos_idx)
+
+    @property
+    def pos_add(self) -> torch.Tensor:
+        return (self.pos_w.clamp(max=1) - 1) * BIG
+
+    @property
+    def neg_add(self) -> torch.Tensor:
+        return (self.neg.clamp(max=1) - 1) * BIG
+
+    def present(self) -> torch.Tensor:
+        """Float scalar, 1 if there is at least one positive and one negative pair, else 0. Losses are
+        multiplied by it, so a batch of one class (or of singletons) gives a 0 that back-propagates."""
+        return ((self.pos_w.sum() > 0) & (self.neg.sum() > 0)).to(self.neg.dtype)
+
+
+def make_pairs(b: Batch, indices: Indices | None, multiplicity: bool = False) -> Pairs:
+    """:class:`Pairs` from the labels (positives: same label, not the anchor itself; negatives: different
+    label) or from mined ``indices`` (pairs, or triplets via :func:`to_pairs`).
+
+    Mined tuples are trusted (not re-checked against the labels). A pair listed several times counts
+    once, or as often as listed with ``multiplicity=True``.
+    """
     n_a, n_r = b.shape
-    a1, p, a2, n = to_pairs(check_indices(indices, n_a, n_r))
-    dev = b.x.device
-    pos = torch.zeros(n_a, n_r, dtype=torch.bool, device=dev)
-    neg = torch.zeros(n_a, n_r, dtype=torch.bool, device=dev)
-    pos[a1.to(dev), p.to(dev)] = True
-    neg[a2.to(dev), n.to(dev)] = True
-    return pos, neg
-
-
-def padded_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column indices of the True entries of each row, left-aligned in a ``[rows, K]`` tensor.
-
-    ``K`` is the largest row count; returns ``(idx, valid)`` with padding ``idx = 0, valid = False``.
-    O(rows·cols) time; used to enumerate each anchor's positives without a Python loop.
-    """
-    counts = mask.sum(1)
-    k = int(counts.max()) if mask.shape[0] else 0
-    rows, cols = mask.nonzero(as_tuple=True)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(rows.numel(), device=mask.device) - starts[rows]
-    idx = torch.zeros(mask.shape[0], k, dtype=torch.long, device=mask.device)
-    idx[rows, rank] = cols
-    valid = torch.arange(k, device=mask.device)[None, :] < counts[:, None]
-    return idx, valid
+    dev, dtype = b.x.device, b.x.dtype
+    if indices is None:
+        idx, valid = label_positives(b)
+        pos_w = valid.to(dtype)
+        neg = torch.ones(n_a, n_r, dtype=dtype, device=dev).scatter_add_(1, idx, -pos_w)
+        if b.self_ref:
+            neg.fill_diagonal_(0.0)
+        return Pairs(idx, pos_w, neg)
+    a1, p, a2, n = (t.to(dev) for t in to_pairs(check_indices(indices, n_a, n_r)))
+    key, counts = torch.unique(a1 * n_r + p, return_counts=True)  # sorted by anchor
+    a, p = key // n_r, key % n_r
+    per_anchor = torch.bincount(a, minlength=n_a)
+    k = max(int(per_anchor.max()) if a.numel() else 0, 1)
+    rank = torch.arange(a.numel(), device=dev) - (torch.cumsum(per_anchor, 0) - per_anchor)[a]
+    pos_idx = torch.zeros(n_a, k, dtype=torch.long, device=dev)
+    pos_w = torch.zeros(n_a, k, dtype=dtype, device=dev)
+    pos_idx[a, rank] = p
+    pos_w[a, rank] = counts.to(dtype) if multiplicity else 1.0
+    neg = torch.zeros(n_a, n_r, dtype=dtype, device=dev)
+    neg.index_put_((a2, n), torch.ones(n.numel(), dtype=dtype, device=dev), accumulate=multiplicity)
+    return Pairs(pos_idx, pos_w, neg)
 
 
 # ------------------------------------------------------------------------------------ numerical pieces
@@ -176,42 +226,37 @@ def padded_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def masked_logsumexp(
     x: torch.Tensor, mask: torch.Tensor, dim: int = -1, add_one: bool = False
 ) -> torch.Tensor:
-    """``log Σ_{mask} e^x`` along ``dim`` (``log(1 + Σ_{mask} e^x)`` with ``add_one``), stably.
+    """``log Σ e^x`` along ``dim`` (``log(1 + Σ e^x)`` with ``add_one``), stably, over the kept entries.
 
-    Masked-out entries never reach ``exp`` (they are set to −inf first), so they get exactly zero gradient
-    whatever their value. Rows with nothing kept give −inf (0 with ``add_one``) and zero gradients.
+    ``mask`` is a bool mask (True = kept) or an additive float mask (0 = kept, ``-BIG`` = excluded, e.g.
+    :attr:`Pairs.neg_add`; cheaper on CPU). Excluded entries contribute exactly 0 and get zero gradient.
+    Rows with nothing kept give −inf (0 with ``add_one``) and zero gradients.
     """
-    x = x.masked_fill(~mask, float("-inf"))
-    m = x.amax(dim, keepdim=True).detach()
+    add = (mask.to(x.dtype) - 1) * BIG if mask.dtype == torch.bool else mask
+    z = x + add
+    m = z.amax(dim, keepdim=True).detach()
     if add_one:
         m = m.clamp(min=0)
-        s = torch.exp(x - m).sum(dim) + torch.exp(-m).squeeze(dim)
-        return m.squeeze(dim) + torch.log(s)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    s = torch.exp(x - m).sum(dim)
-    nonempty = s > 0
-    out = m.squeeze(dim) + torch.log(torch.where(nonempty, s, torch.ones_like(s)))
-    return out.masked_fill(~nonempty, float("-inf"))
+        return m.squeeze(dim) + torch.log(torch.exp(z - m).sum(dim) + torch.exp(-m).squeeze(dim))
+    empty = m < -BIG / 2
+    m = m.masked_fill(empty, 0.0)
+    s = torch.exp(z - m).sum(dim) + empty.squeeze(dim).to(z.dtype)
+    return (m.squeeze(dim) + torch.log(s)).masked_fill(empty.squeeze(dim), float("-inf"))
 
 
-def reduce(values: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Reduce ``values`` over the entries where ``mask`` is True.
+def reduce(values: torch.Tensor, weights: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduce ``values`` over the entries with weight 1 (``weights`` is a 0/1 float mask).
 
     ``mean``: mean over the mask; ``avg_nonzero``: mean over the masked entries that are > 0 (PML's
-    ``AvgNonZeroReducer``); ``sum``. An empty selection gives 0, still attached to the graph.
+    ``AvgNonZeroReducer``; values must be ≥ 0); ``sum``. An empty selection gives 0, still attached to
+    the graph. Values must be finite everywhere (0 × inf would be NaN).
     """
-    kept = torch.where(mask, values, torch.zeros_like(values))
+    kept = values * weights
     total = kept.sum()
     if reduction == "sum":
         return total
-    count = (mask & (values > 0)).sum() if reduction == "avg_nonzero" else mask.sum()
+    count = torch.count_nonzero(kept) if reduction == "avg_nonzero" else weights.sum()
     return total / count.clamp(min=1)
-
-
-def both_present(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-    """Bool scalar: at least one positive and one negative pair. Losses are multiplied by it, so a batch
-    of a single class (or of singletons) gives 0 that still back-propagates (zeros), without a host sync."""
-    return pos.any() & neg.any()
 
 
 class PairLoss(nn.Module):

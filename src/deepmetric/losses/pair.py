@@ -17,34 +17,34 @@ from deepmetric.distances import gram
 from deepmetric.errors import ConfigError, InputError, LabelError
 from deepmetric.losses import register
 from deepmetric.losses.base import (
+    BIG,
     Batch,
     Indices,
     PairLoss,
+    Pairs,
     Reduction,
-    both_present,
     check_indices,
     check_reduction,
     make_distance,
+    make_pairs,
     masked_logsumexp,
-    padded_rows,
-    pair_masks,
     reduce,
 )
 
 
-def multi_similarity_mining(
-    sim: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, epsilon: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multi-similarity pair mining (Wang et al., CVPR 2019) on a similarity matrix.
+def multi_similarity_mining(sim: torch.Tensor, pairs: Pairs, epsilon: float) -> Pairs:
+    """Multi-similarity pair mining (Wang et al., CVPR 2019) on a similarity matrix ``[B, R]``.
 
     Keeps negative ``n`` of anchor ``i`` if ``s_in + ε > min_{p∈P_i} s_ip`` and positive ``p`` if
-    ``s_ip − ε < max_{n∈N_i} s_in``, min and max over the unmined candidate sets ``pos``/``neg``.
+    ``s_ip − ε < max_{n∈N_i} s_in``, min and max over the unmined candidate pairs.
     """
     with torch.no_grad():
-        inf = torch.tensor(float("inf"), dtype=sim.dtype, device=sim.device)
-        min_pos = torch.where(pos, sim, inf).amin(1, keepdim=True)
-        max_neg = torch.where(neg, sim, -inf).amax(1, keepdim=True)
-        return pos & (sim - epsilon < max_neg), neg & (sim + epsilon > min_pos)
+        s_pos = pairs.positives(sim)
+        min_pos = (s_pos - pairs.pos_add).amin(1, keepdim=True)
+        max_neg = (sim + pairs.neg_add).amax(1, keepdim=True)
+        pos_w = pairs.pos_w * (s_pos - epsilon < max_neg).to(sim.dtype)
+        neg = pairs.neg * (sim > min_pos - epsilon).to(sim.dtype)
+        return Pairs(pairs.pos_idx, pos_w, neg)
 
 
 @register("multi_similarity")
@@ -82,17 +82,20 @@ class MultiSimilarityLoss(PairLoss):
 
     def compute(self, b: Batch, indices: Indices | None) -> torch.Tensor:
         sim = self.matrix(b)
-        pos, neg = pair_masks(b, indices)
+        pairs = make_pairs(b, indices)
+        present = pairs.present()
         if self.parity:
-            pos = pos & (sim.detach() < 1 - 1e-5)
+            keep = (pairs.positives(sim.detach()) < 1 - 1e-5).to(sim.dtype)
+            pairs = Pairs(pairs.pos_idx, pairs.pos_w * keep, pairs.neg)
         if self.mining:
-            pos, neg = multi_similarity_mining(sim.detach(), pos, neg, self.epsilon)
-        pos_term = masked_logsumexp(-self.alpha * (sim - self.base), pos, add_one=True) / self.alpha
-        neg_term = masked_logsumexp(self.beta * (sim - self.base), neg, add_one=True) / self.beta
-        per_anchor = pos_term + neg_term
+            pairs = multi_similarity_mining(sim.detach(), pairs, self.epsilon)
+        s_pos = pairs.positives(sim)
+        pos_term = masked_logsumexp(-self.alpha * (s_pos - self.base), pairs.pos_add, add_one=True)
+        neg_term = masked_logsumexp(self.beta * (sim - self.base), pairs.neg_add, add_one=True)
+        per_anchor = pos_term / self.alpha + neg_term / self.beta
         if self.parity:
-            per_anchor = per_anchor * (pos.any(1) & neg.any(1))
-        return per_anchor.sum() / sim.shape[0] * both_present(pos, neg)
+            per_anchor = per_anchor * ((pairs.pos_w.sum(1) > 0) & (pairs.neg.sum(1) > 0)).to(sim.dtype)
+        return per_anchor.sum() / sim.shape[0] * present
 
     def extra_repr(self) -> str:
         return (
@@ -135,17 +138,21 @@ class ContrastiveLoss(PairLoss):
 
     def compute(self, b: Batch, indices: Indices | None) -> torch.Tensor:
         m = self.matrix(b)
-        pos, neg = pair_masks(b, indices)
-        sign = -1.0 if self.distance.is_similarity else 1.0
-        lp = torch.relu(sign * (m - self.pos_margin))
-        ln = torch.relu(sign * (self.neg_margin - m))
+        pairs = make_pairs(b, indices)
+        mp = pairs.positives(m)
+        if self.distance.is_similarity:
+            lp, ln = torch.relu(self.pos_margin - mp), torch.relu(m - self.neg_margin)
+        else:
+            lp, ln = torch.relu(mp - self.pos_margin), torch.relu(self.neg_margin - m)
         if self.power == 2:
             lp, ln = lp * lp, ln * ln
         if self.reduction == "avg_nonzero":
-            out = reduce(lp, pos, "avg_nonzero") + reduce(ln, neg, "avg_nonzero")
+            out = reduce(lp, pairs.pos_w, "avg_nonzero") + reduce(ln, pairs.neg, "avg_nonzero")
         else:
-            out = reduce(torch.where(pos, lp, ln), pos | neg, self.reduction)
-        return out * both_present(pos, neg)
+            total = (lp * pairs.pos_w).sum() + (ln * pairs.neg).sum()
+            count = pairs.pos_w.sum() + pairs.neg.sum()
+            out = total if self.reduction == "sum" else total / count.clamp(min=1)
+        return out * pairs.present()
 
     def extra_repr(self) -> str:
         return (
@@ -154,18 +161,15 @@ class ContrastiveLoss(PairLoss):
         )
 
 
-def all_triplet_values(
-    dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``d_ap − d_an`` for every triplet allowed by the masks, as ``[B, K, R]`` with its validity mask.
+def all_triplet_values(dist: torch.Tensor, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``d_ap − d_an`` for every triplet (a, p, n) with (a, p) positive and (a, n) negative, as a
+    ``[B, K, R]`` tensor with its 0/1 weights (how PML converts pairs to triplets).
 
     K is the largest number of positives of an anchor, so memory is B·K·R (B³ only if one class fills
-    the batch); p and n are coupled only through the anchor, the way PML converts pairs to triplets.
+    the batch).
     """
-    p_idx, p_valid = padded_rows(pos)
-    d_ap = dist.gather(1, p_idx)
-    values = d_ap[:, :, None] - dist[:, None, :]
-    return values, p_valid[:, :, None] & neg[:, None, :]
+    values = pairs.positives(dist)[:, :, None] - dist[:, None, :]
+    return values, pairs.pos_w[:, :, None] * pairs.neg[:, None, :]
 
 
 @register("triplet")
@@ -200,9 +204,9 @@ class TripletMarginLoss(PairLoss):
         if indices is not None and len(indices) == 3:
             a, p, n = (t.to(dist.device) for t in check_indices(indices, *b.shape))
             values = dist[a, p] - dist[a, n]
-            valid = torch.ones_like(values, dtype=torch.bool)
+            valid = torch.ones_like(values)
         else:
-            values, valid = all_triplet_values(dist, *pair_masks(b, indices))
+            values, valid = all_triplet_values(dist, make_pairs(b, indices))
         values = values + self.margin
         values = F.softplus(values) if self.soft_margin else torch.relu(values)
         return reduce(values, valid, self.reduction)
@@ -263,28 +267,36 @@ class NPairLoss(PairLoss):
         self.l2_reg, self.strict, self.symmetric = l2_reg, strict, symmetric
         self.normalize, self.scale = normalize, scale
 
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) if self.normalize else x
+
+    def _l2(self, a_sq: torch.Tensor, p_sq: torch.Tensor) -> torch.Tensor:
+        return self.l2_reg * 0.25 * (a_sq + p_sq) if self.l2_reg else 0.0
+
     def compute(self, b: Batch, indices: Indices | None) -> torch.Tensor:
-        x = F.normalize(b.x, dim=1) if self.normalize else b.x
         if indices is None and b.self_ref:
             a, p = npair_indices(b.labels, self.strict)
-            anchors, positives = x[a], x[p]
             if a.numel() < 2:
-                return x.sum() * 0.0
-            logits = self.scale * (anchors @ positives.T)
-            target = torch.arange(a.numel(), device=x.device)
+                return b.x.sum() * 0.0
+            anchors, positives = self._embed(b.x[a]), self._embed(b.x[p])
+            logits = anchors @ positives.T
+            if self.scale != 1:
+                logits = self.scale * logits
+            target = torch.arange(a.numel(), device=logits.device)
             ce = F.cross_entropy(logits, target)
             if self.symmetric:
                 ce = 0.5 * (ce + F.cross_entropy(logits.T, target))
-            return ce + self.l2_reg * 0.25 * (anchors.pow(2).sum(1).mean() + positives.pow(2).sum(1).mean())
-        ref = x if b.ref is None else (F.normalize(b.ref, dim=1) if self.normalize else b.ref)
+            return ce + self._l2(anchors.pow(2).sum(1).mean(), positives.pow(2).sum(1).mean())
+        x = self._embed(b.x)
+        ref = x if b.ref is None else self._embed(b.ref)
         logits = self.scale * gram(x) if b.ref is None else self.scale * (x @ ref.T)
-        pos, neg = pair_masks(b, indices)
-        per_pair = F.softplus(masked_logsumexp(logits, neg)[:, None] - logits)
-        n_pos = pos.sum().clamp(min=1)
-        sq_x, sq_r = x.pow(2).sum(1), ref.pow(2).sum(1)
-        reg = ((pos.sum(1) * sq_x).sum() + (pos.sum(0) * sq_r).sum()) / n_pos
-        loss = reduce(per_pair, pos, "mean") + self.l2_reg * 0.25 * reg
-        return loss * both_present(pos, neg)
+        pairs = make_pairs(b, indices)
+        per_pair = F.softplus(masked_logsumexp(logits, pairs.neg_add)[:, None] - pairs.positives(logits))
+        n_pairs = pairs.pos_w.sum().clamp(min=1)
+        a_sq = (pairs.pos_w.sum(1) * x.pow(2).sum(1)).sum() / n_pairs
+        p_sq = (pairs.pos_w * ref.pow(2).sum(1)[pairs.pos_idx]).sum() / n_pairs
+        loss = reduce(per_pair, pairs.pos_w, "mean") + self._l2(a_sq, p_sq)
+        return loss * pairs.present()
 
     def extra_repr(self) -> str:
         return (
@@ -332,37 +344,32 @@ class MarginLoss(PairLoss):
                     "set num_classes to the number of training classes"
                 )
             beta_a = self.beta.to(d.dtype)[b.labels]
-        w_pos, w_neg, t_a = triplet_multiplicities(b, indices, d.dtype)
-        lp = torch.relu(self.alpha + d - beta_a[:, None])
+        pairs, t_a = triplet_multiplicities(b, indices)
+        lp = torch.relu(self.alpha + pairs.positives(d) - beta_a[:, None])
         ln = torch.relu(self.alpha - d + beta_a[:, None])
-        total = (w_pos * lp).sum() + (w_neg * ln).sum() + self.nu * (t_a * beta_a).sum()
-        count = (w_pos * (lp > 0)).sum() + (w_neg * (ln > 0)).sum()
+        total = (pairs.pos_w * lp).sum() + (pairs.neg * ln).sum() + self.nu * (t_a * beta_a).sum()
+        count = (pairs.pos_w * torch.sign(lp)).sum() + (pairs.neg * torch.sign(ln)).sum()
         return total / torch.where(count > 0, count, torch.ones_like(count))
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, nu={self.nu}, num_classes={self.num_classes}"
 
 
-def triplet_multiplicities(
-    b: Batch, indices: Indices | None, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For a triplet set: how often each pair appears as (a, p) and as (a, n), and triplets per anchor.
+def triplet_multiplicities(b: Batch, indices: Indices | None) -> tuple[Pairs, torch.Tensor]:
+    """For a set of triplets: :class:`Pairs` whose weights count how often each pair appears as (a, p)
+    and as (a, n), and the number of triplets per anchor.
 
     Triplet ``indices`` are counted as given; labels or pairs stand for all triplets (a, p, n) with
-    (a, p) positive and (a, n) negative, so ``w_pos[a, p] = |N_a|``, ``w_neg[a, n] = |P_a|``.
-    Any loss separable into ``f(a, p) + g(a, n)`` summed over triplets is a weighted sum over pairs.
+    (a, p) positive and (a, n) negative, so ``w(a, p) = |N_a|`` and ``w(a, n) = |P_a|``. Any loss
+    separable into ``f(a, p) + g(a, n)`` summed over triplets is then a weighted sum over pairs, O(B·R).
     """
-    n_a, n_r = b.shape
-    dev = b.x.device
     if indices is not None and len(indices) == 3:
-        a, p, n = (t.to(dev) for t in check_indices(indices, n_a, n_r))
-        ones = torch.ones(a.numel(), dtype=dtype, device=dev)
-        w_pos = torch.zeros(n_a, n_r, dtype=dtype, device=dev).index_put_((a, p), ones, accumulate=True)
-        w_neg = torch.zeros(n_a, n_r, dtype=dtype, device=dev).index_put_((a, n), ones, accumulate=True)
-        return w_pos, w_neg, torch.bincount(a, minlength=n_a).to(dtype)
-    pos, neg = pair_masks(b, indices)
-    n_pos, n_neg = pos.sum(1, keepdim=True).to(dtype), neg.sum(1, keepdim=True).to(dtype)
-    return pos * n_neg, neg * n_pos, (n_pos * n_neg).squeeze(1)
+        pairs = make_pairs(b, indices, multiplicity=True)
+        a = check_indices(indices, *b.shape)[0].to(b.x.device)
+        return pairs, torch.bincount(a, minlength=b.shape[0]).to(b.x.dtype)
+    pairs = make_pairs(b, indices)
+    n_pos, n_neg = pairs.pos_w.sum(1, keepdim=True), pairs.neg.sum(1, keepdim=True)
+    return Pairs(pairs.pos_idx, pairs.pos_w * n_neg, pairs.neg * n_pos), (n_pos * n_neg).squeeze(1)
 
 
 @register("circle")
@@ -382,12 +389,15 @@ class CircleLoss(PairLoss):
 
     def compute(self, b: Batch, indices: Indices | None) -> torch.Tensor:
         s = self.matrix(b)
-        pos, neg = pair_masks(b, indices)
-        sd = s.detach()
-        logit_p = -self.gamma * torch.relu(1 + self.m - sd) * (s - (1 - self.m))
-        logit_n = self.gamma * torch.relu(sd + self.m) * (s - self.m)
-        per_anchor = F.softplus(masked_logsumexp(logit_p, pos) + masked_logsumexp(logit_n, neg))
-        return reduce(per_anchor, pos.any(1) & neg.any(1), "mean")
+        pairs = make_pairs(b, indices)
+        sp = pairs.positives(s)
+        alpha_p = torch.relu(1 + self.m - sp.detach())
+        alpha_n = torch.relu(s.detach() + self.m)
+        logit_p = (-self.gamma * alpha_p) * (sp - (1 - self.m))
+        logit_n = (self.gamma * alpha_n) * (s - self.m)
+        lse = masked_logsumexp(logit_p, pairs.pos_add) + masked_logsumexp(logit_n, pairs.neg_add)
+        valid = ((pairs.pos_w.sum(1) > 0) & (pairs.neg.sum(1) > 0)).to(s.dtype)
+        return reduce(F.softplus(lse), valid, "mean")
 
     def extra_repr(self) -> str:
         return f"m={self.m}, gamma={self.gamma}"
@@ -409,14 +419,15 @@ class SupConLoss(PairLoss):
 
     def compute(self, b: Batch, indices: Indices | None) -> torch.Tensor:
         logits = self.matrix(b) / self.temperature
-        pos, neg = pair_masks(b, indices)
-        log_denominator = masked_logsumexp(logits, pos | neg)
-        n_pos = pos.sum(1)
-        pos_logit_sum = torch.where(pos, logits, torch.zeros_like(logits)).sum(1)
-        has_pos = n_pos > 0
-        safe_denominator = torch.where(has_pos, log_denominator, torch.zeros_like(log_denominator))
-        per_anchor = safe_denominator - pos_logit_sum / n_pos.clamp(min=1)
-        return reduce(per_anchor, has_pos, "mean") * both_present(pos, neg)
+        pairs = make_pairs(b, indices)
+        lp = pairs.positives(logits)
+        # log Σ_{P∪N} e^{logit} from the positive and negative parts; -BIG (not -inf) keeps the
+        # gradient of logaddexp finite for anchors without pairs, which the mean then ignores
+        lse_p = masked_logsumexp(lp, pairs.pos_add).clamp(min=-BIG)
+        lse_n = masked_logsumexp(logits, pairs.neg_add).clamp(min=-BIG)
+        n_pos = pairs.pos_w.sum(1)
+        per_anchor = torch.logaddexp(lse_p, lse_n) - (lp * pairs.pos_w).sum(1) / n_pos.clamp(min=1)
+        return reduce(per_anchor, (n_pos > 0).to(logits.dtype), "mean") * pairs.present()
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
@@ -440,9 +451,10 @@ class NTXentLoss(PairLoss):
 
     def compute(self, b: Batch, indices: Indices | None) -> torch.Tensor:
         logits = self.matrix(b) / self.temperature
-        pos, neg = pair_masks(b, indices)
-        per_pair = F.softplus(masked_logsumexp(logits, neg)[:, None] - logits)
-        return reduce(per_pair, pos, "mean") * both_present(pos, neg)
+        pairs = make_pairs(b, indices)
+        lse_n = masked_logsumexp(logits, pairs.neg_add)
+        per_pair = F.softplus(lse_n[:, None] - pairs.positives(logits))
+        return reduce(per_pair, pairs.pos_w, "mean") * pairs.present()
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
