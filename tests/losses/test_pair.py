@@ -521,3 +521,59 @@ def test_refs_concatenate(case):
     else:
         expected = loss(x, y)
     torch.testing.assert_close(with_refs, expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ shared machinery
+
+
+def _dense(pairs, n_refs):
+    pos = torch.zeros(pairs.pos_w.shape[0], n_refs)
+    pos.scatter_add_(1, pairs.pos_idx, pairs.pos_w)
+    return pos, pairs.neg
+
+
+@pytest.mark.parametrize("with_refs", [False, True])
+def test_make_pairs_from_labels_brute_force(with_refs):
+    from deepmetric.losses.base import make_pairs, prepare
+
+    g = torch.Generator().manual_seed(23)
+    y = torch.randint(0, 4, (11,), generator=g)
+    ry = torch.randint(0, 5, (7,), generator=g) if with_refs else y
+    x = torch.randn(11, 3)
+    b = prepare(x, y, torch.randn(7, 3), ry) if with_refs else prepare(x, y)
+    pos, neg = _dense(make_pairs(b, None), len(ry))
+    for i in range(11):
+        for j in range(len(ry)):
+            self_pair = not with_refs and i == j
+            assert pos[i, j] == float(y[i] == ry[j] and not self_pair)
+            assert neg[i, j] == float(y[i] != ry[j])
+
+
+def test_make_pairs_from_indices_dedup_and_multiplicity():
+    from deepmetric.losses.base import make_pairs, prepare
+
+    b = prepare(torch.randn(4, 2), torch.tensor([0, 0, 1, 1]))
+    trip = (torch.tensor([0, 0, 0, 2]), torch.tensor([1, 1, 1, 3]), torch.tensor([2, 3, 2, 0]))
+    pos, neg = _dense(make_pairs(b, trip), 4)
+    assert pos[0, 1] == 1 and pos[2, 3] == 1 and pos.sum() == 2
+    assert neg[0, 2] == 1 and neg[0, 3] == 1 and neg[2, 0] == 1 and neg.sum() == 3
+    pos, neg = _dense(make_pairs(b, trip, multiplicity=True), 4)
+    assert pos[0, 1] == 3 and neg[0, 2] == 2
+
+
+def test_masked_logsumexp_bool_and_additive_masks():
+    from deepmetric.losses.base import BIG, masked_logsumexp
+
+    x = torch.tensor([[1.0, 2.0, 300.0], [5.0, -1.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    keep = torch.tensor([[True, True, False], [False, False, False]])
+    out = masked_logsumexp(x, keep)
+    assert out[0].item() == pytest.approx(math.log(math.e + math.e**2))
+    assert out[1].item() == float("-inf")
+    add = (keep.double() - 1) * BIG
+    torch.testing.assert_close(masked_logsumexp(x, add), out)
+    one = masked_logsumexp(x, keep, add_one=True)
+    assert one[0].item() == pytest.approx(math.log(1 + math.e + math.e**2)) and one[1].item() == 0.0
+    (out[0] + one.sum()).backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[0, 2] == 0) and (x.grad[1] == 0).all()
+    cols = masked_logsumexp(x.detach(), keep, dim=0)
+    assert cols[0].item() == pytest.approx(1.0) and cols[2].item() == float("-inf")

@@ -225,19 +225,21 @@ def npair_indices(labels: torch.Tensor, strict: bool = True) -> tuple[torch.Tens
     classes with one sample are ignored and larger classes contribute their first two samples (PML).
     """
     order = torch.sort(labels, stable=True).indices
-    sorted_labels = labels[order]
-    _, counts = torch.unique_consecutive(sorted_labels, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    if strict and not bool((counts == 2).all()):
-        bad = torch.unique_consecutive(sorted_labels)[counts != 2][:5].tolist()
+    sl = labels[order]
+    first = torch.ones_like(sl, dtype=torch.bool)
+    first[1:] = sl[1:] != sl[:-1]
+    if strict and not (sl.numel() % 2 == 0 and bool(first[0::2].all()) and not bool(first[1::2].any())):
+        classes, counts = torch.unique_consecutive(sl, return_counts=True)
         raise InputError(
             "the N-pair loss needs exactly 2 samples of each class in the batch (an anchor and a "
-            f"positive); classes {bad} have {counts[counts != 2][:5].tolist()}. Build batches with "
-            "deepmetric.samplers_npair.NPairBatchSampler, or pass strict=False to use the first two "
-            "samples of each class and ignore singletons"
+            f"positive); classes {classes[counts != 2][:5].tolist()} have {counts[counts != 2][:5].tolist()}. "
+            "Build batches with deepmetric.samplers_npair.NPairSampler, or pass strict=False to use the "
+            "first two samples of each class and ignore singletons"
         )
-    keep = counts >= 2
-    return order[starts[keep]], order[starts[keep] + 1]
+    has_second = torch.zeros_like(first)
+    has_second[:-1] = ~first[1:]
+    start = (first & has_second).nonzero().squeeze(1)
+    return order[start], order[start + 1]
 
 
 @register("npair")
@@ -278,7 +280,8 @@ class NPairLoss(PairLoss):
             a, p = npair_indices(b.labels, self.strict)
             if a.numel() < 2:
                 return b.x.sum() * 0.0
-            anchors, positives = self._embed(b.x[a]), self._embed(b.x[p])
+            x = self._embed(b.x)
+            anchors, positives = x[a], x[p]
             logits = anchors @ positives.T
             if self.scale != 1:
                 logits = self.scale * logits
