@@ -1,0 +1,296 @@
+"""Pair-based losses (+ miners): deepmetric vs pytorch-metric-learning (PML), side by side in one run.
+
+Each case is one forward+backward step ``[miner(x, y) ->] loss(x, y[, tuples]).backward()`` on
+``randn(B, D)`` leaf embeddings with labels in contiguous blocks of 4 (as an m-per-class sampler yields
+them), for B in {128, 512, 2048} and D in {128, 512}. Both libraries are configured to the same
+definition (PML defaults where PML has them). Every case runs in fresh subprocesses with 2 threads
+(``OMP_NUM_THREADS=2``, ``torch.set_num_threads(2)``) and an address-space cap (``RLIMIT_AS``, 20 GiB),
+so a blow-up is an allocation error, not the OOM killer:
+
+* timing: one subprocess runs both libraries, alternating blocks of 5 steps (ours ×5, PML ×5, ...), so
+  load from other processes on a shared machine hits both alike while the median is not disturbed by
+  the other library's freed memory; 2 warm-up steps each, then the median of 5-50 steps (~3 s each;
+  3 steps, one at a time, if one takes > 5 s; 1 if > 30 s). A library that fails (out of memory) is
+  reported as a crash and the other is still timed;
+* memory: one subprocess per library, peak RSS growth (``ru_maxrss``) over the post-setup baseline
+  during two steps (CUDA: peak allocated memory).
+
+The parent records the share of the machine's CPU used by other processes during the timing run
+(/proc/stat) and retries the run once when it exceeds 25%.
+
+Usage::
+
+    python benchmarks/bench_losses.py            # full grid (~10-15 min on 2 cores)
+    python benchmarks/bench_losses.py --quick    # B in {128, 512}, D = 128, fewer steps
+    python benchmarks/bench_losses.py --device cuda --out benchmarks/results/bench_losses_cuda.json
+
+Prints a table (ms, ratio = PML / ours, memory) and writes benchmarks/results/bench_losses.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# case -> (ours: (miner key or None, miner kwargs, loss key, loss kwargs), PML: python expressions)
+CASES: dict[str, dict] = {
+    "contrastive": {
+        "ours": (None, {}, "contrastive", {"reduction": "avg_nonzero"}),
+        "pml": (None, "losses.ContrastiveLoss()"),
+    },
+    "triplet_all": {
+        "ours": (None, {}, "triplet", {"margin": 0.05, "distance": "euclidean", "reduction": "avg_nonzero"}),
+        "pml": (None, "losses.TripletMarginLoss()"),
+    },
+    "triplet_semihard": {
+        "ours": (
+            "semi_hard",
+            {"convention": "all", "margin": 0.2, "distance": "euclidean"},
+            "triplet",
+            {"margin": 0.05, "distance": "euclidean", "reduction": "avg_nonzero"},
+        ),
+        "pml": ("miners.TripletMarginMiner(type_of_triplets='semihard')", "losses.TripletMarginLoss()"),
+    },
+    "triplet_batch_hard": {
+        "ours": (
+            "batch_hard",
+            {"distance": "euclidean"},
+            "triplet",
+            {"margin": 0.05, "distance": "euclidean", "reduction": "avg_nonzero"},
+        ),
+        "pml": ("miners.BatchHardMiner()", "losses.TripletMarginLoss()"),
+    },
+    "multi_similarity": {
+        "ours": (None, {}, "multi_similarity", {}),
+        "pml": ("miners.MultiSimilarityMiner()", "losses.MultiSimilarityLoss()"),
+    },
+    "margin_dw": {
+        "ours": ("distance_weighted", {}, "margin", {"learn_beta": False}),
+        "pml": ("miners.DistanceWeightedMiner()", "losses.MarginLoss()"),
+    },
+    "npair": {
+        "ours": (None, {}, "npair", {"strict": False, "normalize": True, "l2_reg": 0.0}),
+        "pml": (None, "losses.NPairsLoss()"),
+    },
+    "circle": {"ours": (None, {}, "circle", {}), "pml": (None, "losses.CircleLoss()")},
+    "supcon": {"ours": (None, {}, "supcon", {}), "pml": (None, "losses.SupConLoss(temperature=0.1)")},
+    "ntxent": {
+        "ours": (None, {}, "ntxent", {"temperature": 0.07}),
+        "pml": (None, "losses.NTXentLoss(temperature=0.07)"),
+    },
+}
+AS_LIMIT = 20 * 2**30
+
+
+def _build(lib: str, case: str, device: str):
+    if lib == "ours":
+        from deepmetric import losses, miners
+
+        miner_key, miner_kw, loss_key, loss_kw = CASES[case]["ours"]
+        miner = miners.build(miner_key, **miner_kw) if miner_key else None
+        loss = losses.build(loss_key, **loss_kw)
+    else:
+        from pytorch_metric_learning import losses, miners  # noqa: F401  (used by eval)
+
+        miner_expr, loss_expr = CASES[case]["pml"]
+        miner = eval(miner_expr) if miner_expr else None
+        loss = eval(loss_expr)
+    return miner, loss.to(device)
+
+
+def child(mode: str, case: str, batch: int, dim: int, device: str, quick: bool) -> dict:
+    """``mode="time"``: both libraries in this process, steps interleaved (ours, PML, ours, ...) so that
+    load from other processes hits both alike; median per library. ``mode="mem_ours"``/``"mem_pml"``:
+    one library, warm-up + one step, peak RSS growth over the post-setup baseline (CUDA: peak allocated)."""
+    import resource
+
+    import torch
+
+    torch.set_num_threads(2)
+    libs = ("ours", "pml") if mode == "time" else (mode[4:],)
+    built = {lib: _build(lib, case, device) for lib in libs}
+    torch.manual_seed(0)
+    x = torch.randn(batch, dim, device=device, requires_grad=True)
+    y = torch.arange(batch // 4, device=device).repeat_interleave(4)
+    cuda = device.startswith("cuda")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def step(lib: str) -> float:
+        miner, loss = built[lib]
+        x.grad = None
+        loss.zero_grad(set_to_none=True)
+        sync()
+        t = time.perf_counter()
+        out = loss(x, y, miner(x, y)) if miner is not None else loss(x, y)
+        out.backward()
+        sync()
+        return time.perf_counter() - t
+
+    if mode != "time":
+        base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated() if cuda else 0
+        step(libs[0])
+        step(libs[0])
+        growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+        if cuda:
+            return {"mem_mb": (torch.cuda.max_memory_allocated() - base_cuda) / 2**20}
+        return {"mem_mb": growth}
+
+    first, failed = {}, {}
+    for lib in libs:  # warm-up; a library that fails (e.g. out of memory) is reported, the other timed
+        try:
+            first[lib] = max(step(lib), step(lib))
+        except (RuntimeError, MemoryError) as e:
+            failed[lib] = {"error": str(e).splitlines()[0][:200]}
+        x.grad = None
+    running = list(first)
+    slowest = max(first.values(), default=0.0)
+    n = 1 if slowest > 30 else 3 if slowest > 5 else (10 if quick else 50)
+    budget = (1.0 if quick else 3.0) * len(running)
+    timed: dict[str, list[float]] = {lib: [] for lib in running}
+    start = time.perf_counter()
+    block = 5 if n >= 10 else 1  # blocks of steps: one library's freed memory barely disturbs the other
+    while running and len(timed[running[0]]) < n and (
+        len(timed[running[0]]) < 5 or time.perf_counter() - start < budget
+    ):
+        for lib in running:
+            timed[lib].extend(step(lib) for _ in range(block))
+    return {**{lib: {"ms": 1000 * statistics.median(v), "steps": len(v)} for lib, v in timed.items()}, **failed}
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+
+def run_child(mode: str, case: str, batch: int, dim: int, device: str, quick: bool) -> dict:
+    """Run ``child`` in a fresh interpreter (2 threads, AS cap); adds the other processes' CPU share.
+
+    A timing run during which other processes used more than 25% of the machine is retried once."""
+    env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
+    cmd = [sys.executable, __file__, "--child", json.dumps([mode, case, batch, dim, device, quick])]
+    limit = None if device.startswith("cuda") else AS_LIMIT
+
+    def cap() -> None:
+        if limit:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    def children_jiffies() -> float:
+        t = os.times()
+        return (t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK")
+
+    for attempt in range(2):
+        total0, idle0, own0 = *_cpu_jiffies(), children_jiffies()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=cap)
+        out, err = proc.communicate()
+        total1, idle1 = _cpu_jiffies()
+        busy = (total1 - total0) - (idle1 - idle0)
+        own = children_jiffies() - own0
+        other = max(0.0, (busy - own) / max(total1 - total0, 1))
+        if proc.returncode != 0 or not out.strip():
+            last = (err.decode().strip().splitlines() or ["?"])[-1]
+            return {"error": last[:200], "other_cpu_frac": round(other, 3)}
+        result = json.loads(out.decode().strip().splitlines()[-1])
+        result["other_cpu_frac"] = round(other, 3)
+        if mode != "time" or other <= 0.25 or attempt == 1:
+            return result
+    return result
+
+
+def fmt_ms(r: dict) -> str:
+    if "ms" not in r:
+        return "crash"
+    return f"{r['ms']:.3g}" if r["ms"] < 100 else f"{r['ms']:.0f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="B in {128, 512}, D = 128, ~1 s of steps per case")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_losses.json"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(*json.loads(args.child))))
+        return
+
+    import pytorch_metric_learning
+    import torch
+
+    batches = (128, 512) if args.quick else (128, 512, 2048)
+    dims = (128,) if args.quick else (128, 512)
+    rows = []
+    header = "| case | B | D | ours ms | PML ms | PML / ours | ours MB | PML MB | other CPU |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for case in args.cases:
+        for batch in batches:
+            for dim in dims:
+                timing = run_child("time", case, batch, dim, args.device, args.quick)
+                mem = {lib: run_child(f"mem_{lib}", case, batch, dim, args.device, args.quick) for lib in ("ours", "pml")}
+                res = {}
+                for lib in ("ours", "pml"):
+                    res[lib] = dict(timing.get(lib, {}), **mem[lib])
+                    error = mem[lib].get("error") or res[lib].get("error") or timing.get("error")
+                    if error or "ms" not in res[lib]:
+                        res[lib]["error"] = error or "no timing"
+                ours, pml = res["ours"], res["pml"]
+                ratio = pml["ms"] / ours["ms"] if "ms" in ours and "ms" in pml else None
+                row = {"case": case, "B": batch, "D": dim, "ours": ours, "pml": pml, "ratio": ratio}
+                row["other_cpu_frac"] = timing.get("other_cpu_frac")
+                rows.append(row)
+                mb = [f"{r['mem_mb']:.0f}" if "mem_mb" in r else "crash" for r in (ours, pml)]
+                print(
+                    f"| {case} | {batch} | {dim} | {fmt_ms(ours)} | {fmt_ms(pml)} | "
+                    f"{'-' if ratio is None else f'{ratio:.2f}x'} | {mb[0]} | {mb[1]} | "
+                    f"{row['other_cpu_frac'] or 0:.0%} |",
+                    flush=True,
+                )
+    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
+    summary = {
+        "median_ratio": statistics.median(ratios) if ratios else None,
+        "min_ratio": min(ratios) if ratios else None,
+        "pml_crashes": [f"{r['case']} B{r['B']} D{r['D']}" for r in rows if "error" in r["pml"]],
+        "ours_crashes": [f"{r['case']} B{r['B']} D{r['D']}" for r in rows if "error" in r["ours"]],
+        "ours_more_memory": [
+            f"{r['case']} B{r['B']} D{r['D']}"
+            for r in rows
+            if "mem_mb" in r["ours"] and "mem_mb" in r["pml"] and r["ours"]["mem_mb"] > r["pml"]["mem_mb"] + 8
+        ],
+    }
+    print(f"\nmedian PML/ours {summary['median_ratio']:.2f}x, min {summary['min_ratio']:.2f}x; "
+          f"PML crashed: {summary['pml_crashes'] or 'none'}; ours crashed: {summary['ours_crashes'] or 'none'}")
+    meta = {
+        "device": args.device,
+        "quick": args.quick,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": 2,
+        "torch": torch.__version__,
+        "pytorch_metric_learning": pytorch_metric_learning.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
