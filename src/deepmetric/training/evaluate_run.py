@@ -7,9 +7,26 @@ from pathlib import Path
 from deepmetric import evaluation
 from deepmetric.errors import RunFolderError
 from deepmetric.training import checkpoint
-from deepmetric.training.build import build_model, build_splits, resolve_device
-from deepmetric.training.config import load
+import torch
+from torch import nn
+
+from deepmetric.training.build import Splits, build_model, build_splits, resolve_device
+from deepmetric.training.config import EvalConfig, load
 from deepmetric.training.embed import embed
+
+
+def evaluate_model(
+    model: nn.Module, splits: Splits, cfg: EvalConfig, device: torch.device, amp: bool = False
+) -> tuple[dict[str, float], tuple[torch.Tensor, torch.Tensor]]:
+    """Test metrics of ``model`` (leave-one-out on ``test``, or ``query`` vs ``gallery``), and the
+    embeddings of the test (or gallery) items with their labels, e.g. for the report's t-SNE map."""
+    kw = dict(ks=tuple(cfg.ks), distance=cfg.distance)
+    run = lambda ds: embed(model, ds, cfg.batch_size, device, amp=amp)  # noqa: E731
+    if splits.test is not None:
+        gallery = run(splits.test)
+        return evaluation.evaluate(*gallery, **kw), gallery
+    query, gallery = run(splits.query), run(splits.gallery)
+    return evaluation.evaluate(*gallery, query_embeddings=query[0], query_labels=query[1], **kw), gallery
 
 
 def evaluate_run(run_dir: str | Path, which: str = "best") -> dict[str, float]:
@@ -28,10 +45,4 @@ def evaluate_run(run_dir: str | Path, which: str = "best") -> dict[str, float]:
     device = resolve_device(cfg.device)
     model = build_model(cfg).to(device)
     model.load_state_dict(checkpoint.load(path, device)["model"])
-    splits = build_splits(cfg)
-    kw = dict(ks=tuple(cfg.eval.ks), distance=cfg.eval.distance)
-    if splits.test is not None:
-        return evaluation.evaluate(*embed(model, splits.test, cfg.eval.batch_size, device), **kw)
-    q = embed(model, splits.query, cfg.eval.batch_size, device)
-    g = embed(model, splits.gallery, cfg.eval.batch_size, device)
-    return evaluation.evaluate(g[0], g[1], query_embeddings=q[0], query_labels=q[1], **kw)
+    return evaluate_model(model, build_splits(cfg), cfg.eval, device)[0]

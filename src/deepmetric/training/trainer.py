@@ -29,6 +29,7 @@ from deepmetric.training import checkpoint, runfolder
 from deepmetric.training.build import build_loss, build_miner, build_model, build_splits, check_components, resolve_device
 from deepmetric.training.config import RunConfig, dump
 from deepmetric.training.embed import embed
+from deepmetric.training.evaluate_run import evaluate_model
 from deepmetric.training.hooks import Hook
 from deepmetric.training.optim import build_optimizer, build_scheduler
 
@@ -99,23 +100,22 @@ class Trainer:
     # ----------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, dict[str, float]]:
         """Metrics of the current model on the validation split (if any) and the test split."""
+        return self._evaluate()[0]
+
+    def _evaluate(self) -> tuple[dict[str, dict[str, float]], tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`evaluate`, plus the test (or gallery) embeddings and labels it computed."""
         cfg, results = self.config.eval, {}
-        kw = dict(ks=tuple(cfg.ks), distance=cfg.distance)
-        run = lambda ds: embed(self.model, ds, cfg.batch_size, self.device, amp=self.use_amp)  # noqa: E731
         if self.splits.val is not None:
-            results["val"] = evaluation.evaluate(*run(self.splits.val), **kw)
-        if self.splits.test is not None:
-            results["test"] = evaluation.evaluate(*run(self.splits.test), **kw)
-        else:
-            q, g = run(self.splits.query), run(self.splits.gallery)
-            results["test"] = evaluation.evaluate(g[0], g[1], query_embeddings=q[0], query_labels=q[1], **kw)
+            val = embed(self.model, self.splits.val, cfg.batch_size, self.device, amp=self.use_amp)
+            results["val"] = evaluation.evaluate(*val, ks=tuple(cfg.ks), distance=cfg.distance)
+        results["test"], test_embeddings = evaluate_model(self.model, self.splits, cfg, self.device, self.use_amp)
         for split, metrics in results.items():
             if self.config.train.select_metric not in metrics:
                 raise ConfigError(
                     f"train.select_metric {self.config.train.select_metric!r} is not computed; "
                     f"available: {', '.join(sorted(metrics))}"
                 )
-        return results
+        return results, test_embeddings
 
     # ----------------------------------------------------------------- checkpoints
     def _state(self) -> dict[str, Any]:
@@ -264,7 +264,7 @@ class Trainer:
 
         if self.best and self.best["split"] in ("val", "test"):
             self.model.load_state_dict(checkpoint.load(self.out / "checkpoints" / "best.pt", self.device)["model"])
-        results = self.evaluate()
+        results, test_embeddings = self._evaluate()
         initial = next(r for r in runfolder.read_records(self.out) if r["epoch"] == 0)
         untrained = {k.split("/", 1)[1]: v for k, v in initial.items() if k.startswith("test/")}
         summary = {
@@ -277,6 +277,5 @@ class Trainer:
             summary["val"] = results["val"]
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         test = self.splits.test if self.splits.test is not None else self.splits.gallery
-        write_report(self.out, embeddings=embed(self.model, test, self.config.eval.batch_size, self.device)
-                     if self.config.eval.tsne else None, class_names=test.classes)
+        write_report(self.out, embeddings=test_embeddings if self.config.eval.tsne else None, class_names=test.classes)
         return summary
