@@ -76,7 +76,7 @@ def train(
     else:
         cfg = cfgmod.load(config, set_)
     if out is None:
-        out = Path("runs") / f"{cfg.data.name}-{cfg.loss.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = Path("runs") / f"{cfg.data.name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         summary = Trainer(cfg, out, resume=resume, overwrite=overwrite, progress=progress).fit()
     except KeyboardInterrupt:

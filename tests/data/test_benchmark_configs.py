@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from deepmetric import data, losses, models
 from deepmetric.data.benchmarks import BENCHMARKS
 from deepmetric.data.transforms import build_transform
-from deepmetric.training.build import build_loss, build_miner
+from deepmetric.training.build import build_miner
+from deepmetric.training.objective import build_objective
 from deepmetric.training.config import check_components, load
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -24,7 +26,7 @@ def test_config_loads_and_components_exist(path):
     kw = cfg.data.kwargs
     if "pipeline" in kw or "normalization" in kw:
         build_transform(True, pipeline=kw.get("pipeline", "default"), normalization=kw.get("normalization", "imagenet"))
-    build_loss(cfg, num_classes=3)  # proxy losses get num_classes / embedding_size filled in
+    build_objective(cfg, num_classes=3, num_samples=10, model=torch.nn.Identity())  # proxy losses get num_classes / embedding_size filled in
     build_miner(cfg)
     if path.parent != CONFIGS:  # configs/<data set>/<loss>.yaml
         assert cfg.data.name == path.parent.name and cfg.loss.name == path.stem

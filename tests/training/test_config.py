@@ -58,7 +58,7 @@ def test_bad_override_syntax_and_files(tmp_path):
 def test_component_keywords_are_checked():
     with pytest.raises(ConfigError, match="has no parameter 'alpah'.*Did you mean 'alpha'"):
         C.check_components(C.load(None, ["loss.alpah=2"]))
-    with pytest.raises(UnknownNameError, match="unknown loss 'multi_similarty'.*Did you mean 'multi_similarity'"):
+    with pytest.raises(UnknownNameError, match="unknown loss or regulariser 'multi_similarty'.*Did you mean 'multi_similarity'"):
         C.check_components(C.load(None, ["loss.name=multi_similarty"]))
     with pytest.raises(ConfigError, match="miner.name is not set"):
         C.check_components(C.load(None, ["miner.epsilon=0.1"]))

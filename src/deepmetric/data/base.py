@@ -87,6 +87,27 @@ def split_classes(
     return np.setdiff1d(classes, held), held
 
 
+def class_folds(labels: np.ndarray, folds: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split the classes in ``labels`` into (kept, held-out) class ids: fold ``fold`` of ``folds``.
+
+    The sorted class ids are cut into ``folds`` contiguous, class-disjoint chunks of near-equal size, as the
+    Reality Check's 4-fold cross-validation does (Musgrave et al. 2020; powerful-benchmarker's split
+    manager): fold ``f`` is held out for validation and the model trains on the others.
+    """
+    classes = np.unique(as_int_labels(labels))
+    if not 0 <= fold < folds:
+        raise ConfigError(f"fold {fold} does not exist: there are {folds} folds, numbered from 0")
+    chunks = np.array_split(classes, folds)
+    smallest = min(len(c) for c in chunks)
+    if smallest < 2 or classes.size - len(chunks[fold]) < 2:
+        raise ConfigError(
+            f"{folds} class-disjoint folds of {classes.size} training classes leave a fold with {smallest} "
+            "class(es); a validation fold and the training folds need at least 2 classes each: use fewer folds"
+        )
+    held = chunks[fold]
+    return np.setdiff1d(classes, held), held
+
+
 def check_split(split: str, valid: Sequence[str], name: str) -> None:
     if split not in valid:
         raise DataError(f"data set {name!r} has no split {split!r}; valid splits: {', '.join(valid)}")

@@ -65,6 +65,7 @@ class ProxyLoss(nn.Module):
     """
 
     proxies: nn.Parameter
+    uses_references = False  # compares samples with proxies: no mined indices, no cross-batch memory
 
     def __init__(self, num_classes: int, embedding_size: int, proxies_per_class: int = 1):
         super().__init__()

@@ -16,9 +16,12 @@ class EmbeddingHead(nn.Module):
         self.linear = nn.Linear(in_features, embedding_size)
         self.bn = nn.BatchNorm1d(embedding_size) if batch_norm else nn.Identity()
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, return_raw: bool = False):
+        """The embedding; with ``return_raw`` also the vector before L2-normalisation: ``(raw, embedding)``
+        (regularisers on the norm, e.g. SEC, need it)."""
         z = self.bn(self.linear(features))
-        return F.normalize(z, dim=-1) if self.normalize else z
+        out = F.normalize(z, dim=-1) if self.normalize else z
+        return (z, out) if return_raw else out
 
 
 class EmbeddingModel(nn.Module):
@@ -43,5 +46,6 @@ class EmbeddingModel(nn.Module):
                 m.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+    def forward(self, x: torch.Tensor, return_raw: bool = False):
+        """``head(backbone(x))``; ``return_raw=True`` gives ``(pre-normalisation, embedding)``."""
+        return self.head(self.backbone(x), return_raw=return_raw)

@@ -1,15 +1,14 @@
-"""Turning a validated :class:`RunConfig` into data splits, a model, a loss and a miner."""
+"""Turning a validated :class:`RunConfig` into data splits, a model and a miner (the objective: ``objective.py``)."""
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from deepmetric import data, losses, miners, models
-from deepmetric.data.base import MetricDataset, select_classes, split_classes
+from deepmetric import data, miners, models
+from deepmetric.data.base import MetricDataset, class_folds, select_classes, split_classes
 from deepmetric.data.transforms import normalization_for
 from deepmetric.models import EmbeddingHead, EmbeddingModel
 from deepmetric.training.config import RunConfig, check_components
@@ -39,8 +38,11 @@ def _data(cfg: RunConfig, split: str, augment: bool | None = None) -> MetricData
 def build_splits(cfg: RunConfig) -> Splits:
     train = _data(cfg, cfg.data.train_split)
     val = None
-    if cfg.data.val_classes:
-        kept, held = split_classes(train.labels, cfg.data.val_classes, seed=cfg.seed)
+    if cfg.data.val_classes or cfg.data.val_folds:
+        if cfg.data.val_folds:
+            kept, held = class_folds(train.labels, cfg.data.val_folds, cfg.data.val_fold)
+        else:
+            kept, held = split_classes(train.labels, cfg.data.val_classes, seed=cfg.seed)
         val = select_classes(_data(cfg, cfg.data.train_split, augment=False), held)
         train = select_classes(train, kept)
     if cfg.data.query_split or cfg.data.gallery_split:
@@ -55,17 +57,6 @@ def build_model(cfg: RunConfig) -> EmbeddingModel:
     return EmbeddingModel(backbone, head, freeze_bn=m.freeze_bn)
 
 
-def build_loss(cfg: RunConfig, num_classes: int) -> nn.Module:
-    """Build the loss; ``num_classes`` / ``embedding_size`` are filled in for proxy losses that take them."""
-    kwargs = cfg.loss.kwargs()
-    params = inspect.signature(losses.LOSSES.get(cfg.loss.name)).parameters
-    if "num_classes" in params:
-        kwargs.setdefault("num_classes", num_classes)
-    if "embedding_size" in params:
-        kwargs.setdefault("embedding_size", cfg.model.embedding_size)
-    return losses.build(cfg.loss.name, **kwargs)
-
-
 def build_miner(cfg: RunConfig) -> nn.Module | None:
     return miners.build(cfg.miner.name, **cfg.miner.kwargs()) if cfg.miner.name else None
 
@@ -76,4 +67,4 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-__all__ = ["Splits", "build_splits", "build_model", "build_loss", "build_miner", "resolve_device", "check_components"]
+__all__ = ["Splits", "build_splits", "build_model", "build_miner", "resolve_device", "check_components"]

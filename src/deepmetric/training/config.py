@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from deepmetric.errors import ConfigError, suggest
 
@@ -41,8 +41,25 @@ class DataConfig(Section):
     val_classes: int | float = Field(
         0, description="training classes held out (class-disjoint) to select the checkpoint; 0 = none"
     )
+    val_folds: int = Field(
+        0, ge=0, description="cut the sorted training classes into this many class-disjoint folds and hold out "
+        "fold `val_fold` to select the checkpoint (the Reality Check's cross-validation uses 4); 0 = none"
+    )
+    val_fold: int = Field(0, ge=0, description="the fold held out when val_folds > 0 (numbered from 0)")
     num_workers: int = Field(0, ge=0)
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keywords for the data set")
+
+    @field_validator("val_fold")
+    @classmethod
+    def _fold_exists(cls, fold: int, info: ValidationInfo) -> int:
+        folds = info.data.get("val_folds", 0)
+        if folds == 1:
+            raise ValueError("data.val_folds must be 0 (no folds) or at least 2")
+        if folds and fold >= folds:
+            raise ValueError(f"data.val_fold must be below data.val_folds ({folds}); folds are numbered from 0")
+        if folds and info.data.get("val_classes"):
+            raise ValueError("set either data.val_classes (randomly held-out classes) or data.val_folds, not both")
+        return fold
 
 
 class SamplerConfig(Section):
@@ -65,6 +82,18 @@ class LossConfig(Component):
     name: str = "multi_similarity"
 
 
+class TermConfig(Component):
+    """One term of a composed objective: a registered loss or regulariser, its weight and its keywords."""
+
+    weight: float = Field(1.0, ge=0, description="multiplier of this term in the total loss")
+
+
+class AugmentConfig(Component):
+    """Embedding-space augmentation between the head and the miner/loss; ``name: null`` = none."""
+
+    name: str | None = None  # type: ignore[assignment]
+
+
 class MinerConfig(Component):
     name: str | None = None  # type: ignore[assignment]
 
@@ -85,6 +114,7 @@ class OptimizerConfig(Section):
     backbone_lr_mult: float = Field(1.0, ge=0)
     head_lr_mult: float = Field(1.0, ge=0)
     loss_lr_mult: float = Field(1.0, ge=0, description="learning-rate multiplier of loss parameters (proxies)")
+    eps: float = Field(1e-8, gt=0, description="Adam/AdamW/RMSprop epsilon of every group (ProxyNCA++: 1.0)")
     grad_clip: float | None = Field(None, gt=0, description="max global gradient norm; null = no clipping")
 
 
@@ -126,6 +156,12 @@ class RunConfig(Section):
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    objective: list[TermConfig] = Field(
+        default_factory=list,
+        description="weighted losses and regularisers, e.g. [{name: multi_similarity}, {name: sec, weight: 0.5}]; "
+        "replaces `loss` when given",
+    )
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     miner: MinerConfig = Field(default_factory=MinerConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -137,7 +173,22 @@ class RunConfig(Section):
     def _batch_fits(self) -> RunConfig:
         if self.sampler.batch_size % self.sampler.m:
             raise ValueError(f"sampler.batch_size ({self.sampler.batch_size}) must be a multiple of sampler.m ({self.sampler.m})")
+        if self.objective and self.loss != LossConfig():
+            raise ValueError("set either `loss` or `objective` (a list of weighted terms), not both: "
+                             "put the loss into the objective list")
+        names = [t.name for t in self.objective]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objective terms must have distinct names, got {names}")
         return self
+
+    def terms(self) -> list[TermConfig]:
+        """The objective's terms: ``objective`` if given, else the single ``loss`` with weight 1."""
+        return list(self.objective) or [TermConfig(name=self.loss.name, **self.loss.kwargs())]
+
+    @property
+    def method(self) -> str:
+        """A short name of the objective, e.g. ``multi_similarity`` or ``multi_similarity+sec``."""
+        return "+".join(t.name for t in self.terms())
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:
@@ -229,10 +280,17 @@ def dump(config: RunConfig) -> str:
 
 
 def check_components(config: RunConfig) -> None:
-    """Check registry names and their extra keywords (loss, miner, data set) without building anything heavy."""
-    from deepmetric import data, losses, miners
+    """Check registry names and their extra keywords (objective terms, miner, augmenter, data set) without
+    building anything heavy."""
+    from deepmetric import augment, data, miners
+    from deepmetric.training.objective import term_registry
 
-    losses.LOSSES.check_kwargs(config.loss.name, config.loss.kwargs())
+    for term in config.terms():
+        term_registry(term.name).check_kwargs(term.name, term.kwargs())
+    if config.augment.name is not None:
+        augment.AUGMENTERS.check_kwargs(config.augment.name, config.augment.kwargs())
+    elif config.augment.kwargs():
+        raise ConfigError(f"augment options {sorted(config.augment.kwargs())} given but augment.name is not set")
     if config.miner.name is not None:
         miners.MINERS.check_kwargs(config.miner.name, config.miner.kwargs())
     elif config.miner.kwargs():

@@ -10,15 +10,30 @@ from torch import nn
 from deepmetric.training.config import OptimizerConfig, ScheduleConfig
 
 
+def relative_lr_multipliers(loss: nn.Module) -> dict[str, float]:
+    """Loss parameters whose learning rate differs from the loss group's: ``{dotted name: multiplier}``,
+    collected from every submodule that defines ``lr_multipliers() -> {parameter name: multiplier}``
+    (e.g. the nivMF concentrations and temperature)."""
+    out = {}
+    for prefix, module in loss.named_modules():
+        declared = getattr(module, "lr_multipliers", None)
+        if callable(declared):
+            out.update({f"{prefix}.{k}" if prefix else k: float(v) for k, v in declared().items()})
+    return out
+
+
 def param_groups(model: nn.Module, loss: nn.Module, cfg: OptimizerConfig) -> list[dict]:
-    """Backbone, head and loss parameters (proxies, learnable margins) each get their own group and LR."""
+    """Backbone, head and loss parameters (proxies, learnable margins) each get their own group and LR;
+    a loss parameter with a declared relative multiplier gets a group ``loss:<name>`` of its own."""
     groups = []
-    for name, module, mult in (
-        ("backbone", model.backbone, cfg.backbone_lr_mult),
-        ("head", model.head, cfg.head_lr_mult),
-        ("loss", loss, cfg.loss_lr_mult),
-    ):
-        params = [p for p in module.parameters() if p.requires_grad]
+    relative = relative_lr_multipliers(loss)
+    loss_params = [(n, p) for n, p in loss.named_parameters() if p.requires_grad]
+    sections = [
+        ("backbone", [p for p in model.backbone.parameters() if p.requires_grad], cfg.backbone_lr_mult),
+        ("head", [p for p in model.head.parameters() if p.requires_grad], cfg.head_lr_mult),
+        ("loss", [p for n, p in loss_params if n not in relative], cfg.loss_lr_mult),
+    ] + [(f"loss:{n}", [p], cfg.loss_lr_mult * relative[n]) for n, p in loss_params if n in relative]
+    for name, params, mult in sections:
         if params and mult > 0:
             groups.append({"name": name, "params": params, "lr": cfg.lr * mult})
     return groups
@@ -26,13 +41,13 @@ def param_groups(model: nn.Module, loss: nn.Module, cfg: OptimizerConfig) -> lis
 
 def build_optimizer(model: nn.Module, loss: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, loss, cfg)
-    wd = cfg.weight_decay
+    wd, eps = cfg.weight_decay, cfg.eps
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=wd)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=wd, eps=eps)
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=wd)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=wd, eps=eps)
     if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=cfg.lr, weight_decay=wd, momentum=cfg.momentum)
+        return torch.optim.RMSprop(groups, lr=cfg.lr, weight_decay=wd, momentum=cfg.momentum, eps=eps)
     return torch.optim.SGD(groups, lr=cfg.lr, weight_decay=wd, momentum=cfg.momentum)
 
 

@@ -1,6 +1,7 @@
 """The run folder: what a run writes, and the rule that an existing run is never clobbered by accident.
 
-Layout: ``config.yaml`` (resolved), ``metrics.jsonl`` (one JSON record per line), ``checkpoints/last.pt``
+Layout: ``config.yaml`` (resolved), ``metrics.jsonl`` (one JSON record per epoch), ``steps.jsonl`` (every
+objective term's value every ``train.log_every`` steps), ``checkpoints/last.pt``
 and ``best.pt``, ``summary.json`` (final test metrics and how the checkpoint was selected), ``report/``
 (PNG plots and ``report.html``).
 """
@@ -14,7 +15,7 @@ from typing import Any
 
 from deepmetric.errors import RunFolderError
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "report")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "steps.jsonl", "summary.json", "checkpoints", "report")
 
 
 def is_run(path: Path) -> bool:
@@ -47,19 +48,22 @@ def prepare(out: Path, resume: bool, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def append_record(out: Path, record: dict[str, Any]) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
+def append_record(out: Path, record: dict[str, Any], log: str = "metrics.jsonl") -> None:
+    with open(out / log, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
-def read_records(out: Path) -> list[dict[str, Any]]:
-    path = out / "metrics.jsonl"
+def read_records(out: Path, log: str = "metrics.jsonl") -> list[dict[str, Any]]:
+    path = out / log
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def truncate_records(out: Path, before_epoch: int) -> None:
-    """Drop records of epochs >= ``before_epoch`` (written after the checkpoint a resume starts from)."""
-    kept = [r for r in read_records(out) if r.get("epoch", -1) < before_epoch]
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    """Drop records of epochs >= ``before_epoch`` from every log (written after the checkpoint a resume
+    starts from)."""
+    for log in ("metrics.jsonl", "steps.jsonl"):
+        if (out / log).is_file():
+            kept = [r for r in read_records(out, log) if r.get("epoch", -1) < before_epoch]
+            (out / log).write_text("".join(json.dumps(r) + "\n" for r in kept))

@@ -21,17 +21,32 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from deepmetric import evaluation
+from deepmetric import augment, evaluation
 from deepmetric.errors import ConfigError, TrainingDivergedError
 from deepmetric.memory import CrossBatchMemory
 from deepmetric.samplers import MPerClassSampler
 from deepmetric.training import checkpoint, runfolder
-from deepmetric.training.build import build_loss, build_miner, build_model, build_splits, check_components, resolve_device
+from deepmetric.training.build import build_miner, build_model, build_splits, check_components, resolve_device
 from deepmetric.training.config import RunConfig, dump
 from deepmetric.training.embed import embed
 from deepmetric.training.evaluate_run import evaluate_model
 from deepmetric.training.hooks import Hook
+from deepmetric.training.objective import StepInputs, build_objective
 from deepmetric.training.optim import build_optimizer, build_scheduler
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Items ``(input, label, index)``: the data-set index of each sample travels with its batch."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        x, y = self.dataset[index]
+        return x, y, index
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -72,17 +87,20 @@ class Trainer:
         self.label_map[classes] = torch.arange(classes.numel())
         self.sampler = MPerClassSampler(train_labels.numpy(), config.sampler.m, config.sampler.batch_size, config.seed)
         self.loader = DataLoader(
-            self.splits.train, batch_sampler=self.sampler, num_workers=config.data.num_workers,
+            _Indexed(self.splits.train), batch_sampler=self.sampler, num_workers=config.data.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=config.data.num_workers > 0,
         )
         self.iters_per_epoch = config.train.iterations_per_epoch or len(self.sampler)
 
         self.model = build_model(config).to(self.device)
-        self.loss_fn = build_loss(config, num_classes=classes.numel()).to(self.device)
+        self.objective = build_objective(config, num_classes=classes.numel(), num_samples=len(self.splits.train),
+                                         model=self.model).to(self.device)
         self.miner = build_miner(config)
+        self.augmenter = (augment.build(config.augment.name, **config.augment.kwargs()).to(self.device)
+                          if config.augment.name else None)
         self.memory = (CrossBatchMemory(config.memory.size, config.model.embedding_size).to(self.device)
                        if config.memory.size else None)
-        self.optimizer = build_optimizer(self.model, self.loss_fn, config.optimizer)
+        self.optimizer = build_optimizer(self.model, self.objective, config.optimizer)
         total = config.train.epochs * self.iters_per_epoch
         self.scheduler = build_scheduler(self.optimizer, total, self.iters_per_epoch, config.schedule)
         self.use_amp = config.train.amp and self.device.type == "cuda"
@@ -123,7 +141,8 @@ class Trainer:
             "epoch": self.epoch,
             "config": self.config.model_dump(mode="json"),
             "model": self.model.state_dict(),
-            "loss": self.loss_fn.state_dict(),
+            "objective": self.objective.state_dict(),
+            "augmenter": self.augmenter.state_dict() if self.augmenter is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -136,7 +155,9 @@ class Trainer:
     def _load(self, path: Path) -> None:
         state = checkpoint.load(path, self.device)
         self.model.load_state_dict(state["model"])
-        self.loss_fn.load_state_dict(state["loss"])
+        self.objective.load_state_dict(state["objective"])
+        if self.augmenter is not None:
+            self.augmenter.load_state_dict(state["augmenter"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -148,7 +169,7 @@ class Trainer:
         checkpoint.set_rng_state(state["rng"])
 
     # ----------------------------------------------------------------- training
-    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         n, pass_ = 0, 0
         while True:
             self.sampler.set_epoch(epoch, pass_)
@@ -159,21 +180,34 @@ class Trainer:
                     return
             pass_ += 1
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
-        """One optimisation step; returns the detached loss, or a NaN loss (and no step) if the embeddings are not finite."""
+    def _step(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, epoch: int
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimisation step: model -> [augmenter] -> [miner] -> objective -> optimiser.
+
+        Returns the detached total loss and term values, or a NaN loss (and no step) if the embeddings
+        are not finite.
+        """
         x = x.to(self.device, non_blocking=True)
         y = self.label_map[y].to(self.device, non_blocking=True)
+        ids = ids.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, enabled=self.use_amp):
-            emb = self.model(x)
+            raw, emb = self.model(x, return_raw=True)
         if not bool(torch.isfinite(emb).all()):
-            return torch.tensor(float("nan"))
-        indices = self.miner(emb, y) if self.miner is not None else None
-        loss = self.loss_fn(emb, y, indices)
-        if self.memory is not None and epoch >= self.config.memory.start_epoch:
-            if len(self.memory):
-                mem_x, mem_y = self.memory.get()
-                loss = loss + self.config.memory.weight * self.loss_fn(emb, y, ref_embeddings=mem_x, ref_labels=mem_y)
-            self.memory.enqueue(emb, y)  # after the loss: a batch is never its own reference
+            return torch.tensor(float("nan")), {}
+        real_emb, real_y = emb, y
+        synthetic = torch.zeros(emb.shape[0], dtype=torch.bool, device=emb.device)
+        if self.augmenter is not None:
+            emb, y, synthetic = self.augmenter(emb, y)
+        use_memory = self.memory is not None and epoch >= self.config.memory.start_epoch
+        step = StepInputs(
+            embeddings=emb, labels=y, raw=raw, inputs=x, sample_ids=ids, is_synthetic=synthetic,
+            model=self.model, epoch=epoch, epochs=self.config.train.epochs,
+            indices=self.miner(emb, y) if self.miner is not None else None,
+            memory=self.memory.get() if use_memory and len(self.memory) else None,
+        )
+        loss, values = self.objective(step)
+        if use_memory:
+            self.memory.enqueue(real_emb, real_y)  # after the loss: a batch is never its own reference
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.config.optimizer.grad_clip:
@@ -183,7 +217,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return loss.detach()
+        return loss.detach(), {k: v.detach() for k, v in values.items()}
 
     def _diverged(self, epoch: int, iteration: int) -> TrainingDivergedError:
         last = self.out / "checkpoints" / "last.pt"
@@ -197,21 +231,30 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, bar) -> dict[str, float]:
         self.model.train()
-        self.loss_fn.train()
-        losses, start, seen = [], time.perf_counter(), 0
-        for it, (x, y) in enumerate(self._batches(epoch)):
-            loss = self._step(x, y, epoch)
+        self.objective.train()
+        if self.augmenter is not None:
+            self.augmenter.train()
+        losses, terms, start, seen = [], {}, time.perf_counter(), 0
+        for it, (x, y, ids) in enumerate(self._batches(epoch)):
+            loss, values = self._step(x, y, ids, epoch)
             value = float(loss)
             if not math.isfinite(value):
                 raise self._diverged(epoch, it)
             losses.append(value)
+            values = {k: float(v) for k, v in values.items()}
+            for k, v in values.items():
+                terms.setdefault(k, []).append(v)
+            if it % self.config.train.log_every == 0:
+                runfolder.append_record(self.out, {"epoch": epoch, "iteration": it, "loss": value, **values},
+                                        log="steps.jsonl")
             seen += len(y)
             for hook in self.hooks:
                 hook.on_batch_end(self, epoch, it, value)
             if bar is not None:
                 bar.update(value, self.optimizer.param_groups[0]["lr"], seen / (time.perf_counter() - start))
         elapsed = time.perf_counter() - start
-        return {"loss": float(np.mean(losses)), "lr": self.optimizer.param_groups[0]["lr"],
+        per_term = {f"loss/{k}": float(np.mean(v)) for k, v in terms.items()} if len(terms) > 1 else {}
+        return {"loss": float(np.mean(losses)), **per_term, "lr": self.optimizer.param_groups[0]["lr"],
                 "samples_per_s": seen / elapsed, "seconds": elapsed}
 
     def _select(self, epoch: int, results: dict[str, dict[str, float]]) -> None:
@@ -247,6 +290,7 @@ class Trainer:
                 self.epoch = epoch
                 self._select(epoch, results)
             self.epoch = epoch
+            self.objective.on_epoch_end(self.model, epoch)
             for hook in self.hooks:
                 hook.on_epoch_end(self, epoch, record)
             runfolder.append_record(self.out, record)

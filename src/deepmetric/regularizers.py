@@ -1,0 +1,139 @@
+"""Regularisers: terms of a training objective that act beside a metric loss.
+
+Contract: ``regularizer(step) -> scalar``, where ``step`` is the :class:`~deepmetric.training.objective.StepInputs`
+of the current training step (the loss's embeddings and labels, the embeddings before L2-normalisation,
+the batch inputs, the model, the epoch). A regulariser takes only what it needs from it; nothing is
+global. Regularisers that must act between steps override :meth:`Regularizer.on_epoch_end`, which the
+trainer calls after every epoch; their state lives in buffers/sub-modules and is saved in checkpoints.
+
+Configure them as terms of ``objective`` (``[{name: multi_similarity}, {name: sec, weight: 0.5}]``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepmetric.distances import as_compute_dtype
+from deepmetric.errors import ConfigError
+from deepmetric.registry import Registry
+
+if TYPE_CHECKING:
+    from deepmetric.training.objective import StepInputs
+
+REGULARIZERS: Registry[nn.Module] = Registry("regularizer")
+register = REGULARIZERS.register
+
+
+class Regularizer(nn.Module):
+    """Base class: ``forward(step) -> scalar``; ``on_epoch_end(model, epoch)`` runs after every epoch."""
+
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
+        """Called by the trainer after epoch ``epoch`` (1-based) with the model being trained."""
+
+
+@register("sec")
+class SphericalEmbeddingConstraint(Regularizer):
+    """SEC (Zhang, Li & Zhang, NeurIPS 2020): penalise the spread of the embedding norms.
+
+    ``L = (1/B) Σ_i (‖x_i‖ − μ)²`` on the embeddings *before* L2-normalisation (the loss sees the
+    normalised ones). ``μ`` is the batch mean norm, detached; with ``momentum ρ < 1`` it is an exponential
+    moving average ``μ ← (1 − ρ) μ + ρ · mean_i ‖x_i‖`` (kept in a buffer; ρ = 1, the paper's default, is
+    the batch mean). The paper weights it with η = 1 beside a triplet loss on CUB.
+    """
+
+    def __init__(self, momentum: float = 1.0):
+        super().__init__()
+        if not 0 < momentum <= 1:
+            raise ConfigError(f"sec: momentum must be in (0, 1], got {momentum}")
+        self.momentum = momentum
+        self.register_buffer("mean_norm", torch.tensor(float("nan")))
+
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        norms = as_compute_dtype(step.raw).norm(dim=1)
+        batch_mean = norms.detach().mean()
+        if self.momentum < 1 and self.training:
+            prev = self.mean_norm
+            mu = batch_mean if torch.isnan(prev) else (1 - self.momentum) * prev + self.momentum * batch_mean
+            self.mean_norm.copy_(mu)
+        else:
+            mu = batch_mean if self.momentum == 1 or torch.isnan(self.mean_norm) else self.mean_norm
+        return ((norms - mu) ** 2).mean()
+
+
+def listwise_kl(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                tau: float = 1.0, beta: float = 1.0) -> torch.Tensor:
+    """``mean_i KL(p_i^T ‖ p_i^S)`` of LSD (Zeng et al. 2022) for L2-normalised embeddings ``[B, D]``.
+
+    Each anchor's list holds its similarities to every item of the batch (itself included), those to
+    other labels scaled by ``beta``; ``p = softmax(list / tau)``. The teacher is detached. Similarities
+    and the log-softmax are computed in float32 (or float64 for float64 inputs).
+    """
+    s = as_compute_dtype(student)
+    dtype = s.dtype
+    t = teacher.detach().to(dtype)
+    scale = torch.where(labels[:, None] == labels[None, :], 1.0, beta).to(dtype)
+    log_ps = F.log_softmax(scale * (s @ s.T) / tau, dim=1)
+    log_pt = F.log_softmax(scale * (t @ t.T) / tau, dim=1)
+    return (log_pt.exp() * (log_pt - log_ps)).sum(1).mean()
+
+
+@register("lsd")
+class ListwiseSelfDistillation(Regularizer):
+    """LSD (Zeng, Yang, Wang & Satoh 2022): distil the similarity lists of the previous epoch's model.
+
+    ``L = (e / E) · α · τ² · mean_i KL(p_i^T ‖ p_i^S)`` (:func:`listwise_kl`), where the teacher is a frozen
+    copy of the model taken at the end of the previous epoch and run on the same batch without gradient,
+    ``e`` the 0-based epoch and ``E`` the number of epochs (the progressive ramp: zero in the first epoch).
+    The public code leaves the other-label scale ``β`` (``kd_beta``) undefined; we use the paper's
+    "standard" mode, β = 1. Defaults: τ = 1, α = 200 (the code's default; its triplet example uses 50).
+    The weight of the ``lsd`` term in ``objective`` multiplies this (keep it 1 and set ``alpha``).
+    """
+
+    def __init__(self, model: nn.Module, alpha: float = 200.0, tau: float = 1.0, beta: float = 1.0):
+        super().__init__()
+        if tau <= 0 or alpha < 0:
+            raise ConfigError(f"lsd: need tau > 0 and alpha >= 0, got tau={tau}, alpha={alpha}")
+        self.alpha, self.tau, self.beta = alpha, tau, beta
+        self.teacher = copy.deepcopy(model)
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+
+    def train(self, mode: bool = True) -> ListwiseSelfDistillation:
+        super().train(mode)
+        self.teacher.eval()  # the teacher always predicts in inference mode
+        return self
+
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        ramp = (step.epoch - 1) / step.epochs
+        if ramp == 0 or self.alpha == 0:
+            return step.embeddings.sum() * 0.0  # zero, still attached to the graph
+        real = ~step.is_synthetic
+        with torch.no_grad():
+            teacher = self.teacher(step.inputs)
+        return ramp * self.alpha * self.tau**2 * listwise_kl(
+            step.embeddings[real], teacher, step.labels[real], self.tau, self.beta
+        )
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
+        self.teacher.load_state_dict(model.state_dict())
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, tau={self.tau}, beta={self.beta}"
+
+
+def build(name: str, **kwargs: Any) -> nn.Module:
+    """Construct the regulariser registered as ``name``."""
+    return REGULARIZERS.build(name, **kwargs)
+
+
+def available() -> list[str]:
+    """Registry keys of all regularisers."""
+    return REGULARIZERS.available()

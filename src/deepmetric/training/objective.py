@@ -1,0 +1,152 @@
+"""The training objective: a weighted set of terms (losses and regularisers), each logged separately.
+
+``objective: [{name: multi_similarity}, {name: sec, weight: 0.5}]`` in a config builds
+``L = Σ_t w_t · L_t``. Every term receives what it needs from one :class:`StepInputs` per step:
+
+* a **loss** (registry ``deepmetric.losses``) is called with the loss contract
+  ``loss(embeddings, labels, indices)``; a pair-based or ranking loss also gets the miner's ``indices``
+  and, with a cross-batch memory, ``+ memory.weight · loss(embeddings, labels, ref_embeddings=…,
+  ref_labels=…)``; a loss whose ``forward`` has a ``sample_ids`` parameter gets the batch's data-set
+  indices (per-sample state, e.g. stochastic AUPRC). Proxy/classifier losses (``uses_references =
+  False``) get neither mined indices nor the memory.
+* a **regulariser** (registry ``deepmetric.regularizers``) is called as ``regularizer(step)``.
+
+Constructor parameters ``num_classes``, ``embedding_size``, ``num_samples`` and ``model`` are filled in
+from the run when a term's constructor has them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepmetric import losses, regularizers
+from deepmetric.errors import ConfigError, UnknownNameError, suggest
+from deepmetric.registry import Registry
+
+
+@dataclass
+class StepInputs:
+    """Everything a term may use in one training step (``N = B`` + synthetic rows of an augmenter).
+
+    ``embeddings [N, D]``/``labels [N]`` (0..C-1) are what losses see; ``is_synthetic [N]`` marks rows an
+    augmenter added; ``raw [B, D]`` is the head output before L2-normalisation and ``inputs`` the batch
+    given to the model (real rows only); ``sample_ids [B]`` are the data-set indices of the real rows;
+    ``indices`` the miner's tuples (or None); ``memory`` the cross-batch memory's ``(embeddings,
+    labels)`` when it is in use and non-empty; ``epoch`` is 1-based, of ``epochs``.
+    """
+
+    embeddings: torch.Tensor
+    labels: torch.Tensor
+    raw: torch.Tensor
+    inputs: torch.Tensor
+    sample_ids: torch.Tensor
+    is_synthetic: torch.Tensor
+    model: nn.Module
+    epoch: int
+    epochs: int
+    indices: tuple[torch.Tensor, ...] | None = None
+    memory: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def term_registry(name: str) -> Registry:
+    """The registry holding ``name``: losses first, then regularisers; an error listing both otherwise."""
+    for registry in (losses.LOSSES, regularizers.REGULARIZERS):
+        if name in registry:
+            return registry
+    names = losses.available() + regularizers.available()
+    raise UnknownNameError(
+        f"unknown loss or regulariser {name!r}.{suggest(name, names)} Losses: {', '.join(losses.available())}; "
+        f"regularisers: {', '.join(regularizers.available())}"
+    )
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+def uses_references(loss: nn.Module) -> bool:
+    """Whether a loss takes mined indices and memory references (pair-based and ranking losses do)."""
+    return bool(getattr(loss, "uses_references", True))
+
+
+class Objective(nn.Module):
+    """``forward(step) -> (total, {term: value})`` with ``total = Σ_t w_t · value_t``.
+
+    ``terms`` maps names to modules; ``weights`` maps names to floats. ``memory_weight`` is the weight of
+    the loss against the cross-batch memory (XBM).
+    """
+
+    def __init__(self, terms: dict[str, nn.Module], weights: dict[str, float], memory_weight: float = 1.0):
+        super().__init__()
+        if not terms:
+            raise ConfigError("the objective needs at least one term")
+        if not any(not isinstance(t, regularizers.Regularizer) for t in terms.values()):
+            raise ConfigError(f"the objective {sorted(terms)} has only regularisers; add a loss")
+        self.terms = nn.ModuleDict(terms)
+        self.weights = dict(weights)
+        self.memory_weight = memory_weight
+        self._sample_ids = {n for n, t in terms.items() if not isinstance(t, regularizers.Regularizer)
+                            and _accepts(t.forward, "sample_ids")}
+
+    def losses(self) -> dict[str, nn.Module]:
+        """The loss terms (not the regularisers)."""
+        return {n: t for n, t in self.terms.items() if not isinstance(t, regularizers.Regularizer)}
+
+    def _loss(self, name: str, loss: nn.Module, step: StepInputs) -> torch.Tensor:
+        extra = {"sample_ids": step.sample_ids} if name in self._sample_ids else {}
+        if not uses_references(loss):
+            return loss(step.embeddings, step.labels, **extra)
+        value = loss(step.embeddings, step.labels, step.indices, **extra)
+        if step.memory is not None:
+            mem_x, mem_y = step.memory
+            value = value + self.memory_weight * loss(step.embeddings, step.labels,
+                                                      ref_embeddings=mem_x, ref_labels=mem_y)
+        return value
+
+    def forward(self, step: StepInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        values = {
+            name: term(step) if isinstance(term, regularizers.Regularizer) else self._loss(name, term, step)
+            for name, term in self.terms.items()
+        }
+        total = sum(self.weights[n] * v for n, v in values.items())
+        return total, values
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
+        for term in self.terms.values():
+            if isinstance(term, regularizers.Regularizer):
+                term.on_epoch_end(model, epoch)
+
+    def extra_repr(self) -> str:
+        return " + ".join(f"{w:g}·{n}" for n, w in self.weights.items())
+
+
+def build_objective(config: Any, *, num_classes: int, num_samples: int, model: nn.Module) -> Objective:
+    """The :class:`Objective` of a :class:`~deepmetric.training.config.RunConfig` (its ``objective`` list,
+    or its single ``loss``), checked against the rest of the run (miner, memory, augmenter)."""
+    filled = {"num_classes": num_classes, "embedding_size": config.model.embedding_size,
+              "num_samples": num_samples, "model": model}
+    terms, weights = {}, {}
+    for term in config.terms():
+        registry = term_registry(term.name)
+        kwargs = term.kwargs()
+        params = registry.parameters(term.name)
+        for key, value in filled.items():
+            if key in params:
+                kwargs.setdefault(key, value)
+        terms[term.name] = registry.build(term.name, **kwargs)
+        weights[term.name] = term.weight
+    objective = Objective(terms, weights, memory_weight=config.memory.weight)
+    by_refs = [n for n, t in objective.losses().items() if uses_references(t)]
+    for what, used in (("miner.name", config.miner.name), ("memory.size", config.memory.size)):
+        if used and not by_refs:
+            raise ConfigError(f"{what} is set but no loss of the objective uses mined pairs or a memory "
+                              f"(proxy/classifier losses compare with proxies); unset {what}")
+    if config.augment.name is not None and objective._sample_ids:
+        raise ConfigError(f"{sorted(objective._sample_ids)} keep per-sample state and cannot take the "
+                          "synthetic rows of an augmenter; set augment.name=null")
+    return objective
