@@ -27,4 +27,4 @@ def available() -> list[str]:
     return LOSSES.available()
 
 
-from deepmetric.losses import pair, proxy  # noqa: E402,F401  (registers the pair- and proxy-based losses)
+from deepmetric.losses import pair, probabilistic, proxy  # noqa: E402,F401  (registers the pair-, proxy- and probabilistic losses)

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from deepmetric import data, miners, models
-from deepmetric.data.base import MetricDataset, class_folds, select_classes, split_classes
+from deepmetric.data.base import MetricDataset, Subset, class_folds, select_classes, split_classes
 from deepmetric.data.transforms import normalization_for
 from deepmetric.models import EmbeddingHead, EmbeddingModel
 from deepmetric.training.config import RunConfig, check_components
+from deepmetric.training.hooks import Hook
 
 
 @dataclass
@@ -50,6 +51,13 @@ def build_splits(cfg: RunConfig) -> Splits:
     return Splits(train, val, _data(cfg, cfg.data.test_split))
 
 
+def unaugmented(cfg: RunConfig, train: MetricDataset) -> MetricDataset:
+    """The training split ``train`` of :func:`build_splits` (same items, same order) without random
+    augmentation where the data set has an ``augment`` switch: for embedding training samples (CCP's pool)."""
+    clean = _data(cfg, cfg.data.train_split, augment=False)
+    return Subset(clean, train.indices) if isinstance(train, Subset) else clean
+
+
 def build_model(cfg: RunConfig) -> EmbeddingModel:
     m = cfg.model
     backbone = models.build(m.backbone, pretrained=m.pretrained, pretrained_path=m.pretrained_path, **m.backbone_kwargs)
@@ -61,10 +69,20 @@ def build_miner(cfg: RunConfig) -> nn.Module | None:
     return miners.build(cfg.miner.name, **cfg.miner.kwargs()) if cfg.miner.name else None
 
 
+def build_hooks(cfg: RunConfig) -> list[Hook]:
+    """The trainer hooks the configuration asks for: CCP-DML proxy re-placement (``proxies.ccp``)."""
+    hooks: list[Hook] = []
+    if cfg.proxies.ccp:
+        from deepmetric.proxies import CCPProxyReplacement  # lazy: deepmetric.proxies imports the training package
+
+        hooks.append(CCPProxyReplacement(**cfg.proxies.model_dump(exclude={"ccp"}), seed=cfg.seed))
+    return hooks
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-__all__ = ["Splits", "build_splits", "build_model", "build_miner", "resolve_device", "check_components"]
+__all__ = ["Splits", "build_splits", "build_model", "build_miner", "build_hooks", "resolve_device", "check_components"]

@@ -106,6 +106,23 @@ class MemoryConfig(Section):
     start_epoch: int = Field(1, ge=1, description="first epoch that uses (and fills) the memory")
 
 
+class ProxiesConfig(Section):
+    """Proxy re-placement for proxy losses: CCP-DML (Gürbüz et al. 2022), see :mod:`deepmetric.proxies`."""
+
+    ccp: bool = Field(False, description="re-place the proxies by k-center picks among embedded training samples")
+    every: int | None = Field(
+        None, ge=1, description="re-place every N epochs; null = the paper's rule: when train.select_metric on the "
+        "validation split has not improved by min_delta for patience evaluations"
+    )
+    patience: int = Field(3, ge=1, description="evaluations without improvement before a re-placement")
+    min_delta: float = Field(1e-5, ge=0, description="smallest improvement that counts")
+    pool: int = Field(12, ge=1, description="b: random training images per class embedded to pick from "
+                      "(paper: 12 CUB/Cars, 7 SOP/In-Shop)")
+    proximal: float = Field(2e-4, ge=0, description="lambda of the pull towards the best weights after the first "
+                            "plateau re-placement; 0 = off")
+    reset_state: bool = Field(False, description="reset the optimiser state of re-placed proxies (the reference keeps it)")
+
+
 class OptimizerConfig(Section):
     name: Literal["adamw", "sgd", "adam", "rmsprop"] = "adamw"
     lr: float = Field(3e-4, gt=0)
@@ -164,6 +181,7 @@ class RunConfig(Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     miner: MinerConfig = Field(default_factory=MinerConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    proxies: ProxiesConfig = Field(default_factory=ProxiesConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -26,7 +26,7 @@ from deepmetric.errors import ConfigError, TrainingDivergedError
 from deepmetric.memory import CrossBatchMemory
 from deepmetric.samplers import MPerClassSampler
 from deepmetric.training import checkpoint, runfolder
-from deepmetric.training.build import build_miner, build_model, build_splits, check_components, resolve_device
+from deepmetric.training.build import build_hooks, build_miner, build_model, build_splits, check_components, resolve_device
 from deepmetric.training.config import RunConfig, dump
 from deepmetric.training.embed import embed
 from deepmetric.training.evaluate_run import evaluate_model
@@ -72,7 +72,8 @@ class Trainer:
         baselines: dict[str, dict[str, float]] | None = None,
     ):
         check_components(config)
-        self.config, self.out, self.hooks, self.progress = config, Path(out), list(hooks), progress
+        self.config, self.out, self.progress = config, Path(out), progress
+        self.hooks = build_hooks(config) + list(hooks)
         self.baselines = dict(baselines or {})  # name -> test metrics of reference embeddings (e.g. raw pixels)
         runfolder.prepare(self.out, resume=resume, overwrite=overwrite)
         self.resume = resume
