@@ -1,4 +1,4 @@
-"""The ``deepmetric`` command line: train, evaluate, demo, list, config."""
+"""The ``deepmetric`` command line: train, evaluate, benchmark, demo, list, config."""
 
 from __future__ import annotations
 
@@ -118,6 +118,56 @@ def evaluate(
     out_console.print(metrics_table({"embedding": results}, title))
     evaluation.write_json(results, json_out)
     out_console.print(f"wrote {json_out}")
+
+
+class Protocol(str, Enum):
+    standard = "standard"
+    reality_check = "reality-check"
+
+
+@app.command()
+@friendly
+def benchmark(
+    grid: Annotated[Optional[Path], typer.Argument(help="Grid YAML: configs, variants (named override lists), "
+                                                         "seeds, set, protocol, folds.")] = None,
+    config: Annotated[Optional[list[Path]], typer.Option("--config", "-c", help="Config file (repeatable; replaces "
+                                                         "the grid's configs; default: the built-in digits config).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override for every run, e.g. --set "
+                    "train.epochs=5; a key given several times is swept: --set loss.name=a --set loss.name=b.")] = None,
+    seeds: Annotated[Optional[list[str]], typer.Option(help="Seeds, e.g. --seeds 0,1,2 (default: the grid's, else 0).")] = None,
+    protocol: Annotated[Optional[Protocol], typer.Option(help="standard, or reality-check (Musgrave et al. 2020: "
+                                                          "class-disjoint folds, separated and concatenated).")] = None,
+    folds: Annotated[Optional[int], typer.Option(help="reality-check: folds of the training classes (default 4).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the run folders and the tables.")] = Path("runs/benchmark"),
+    overwrite: Annotated[bool, typer.Option(help="Rerun every run from scratch.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and their state; train nothing.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show each run's progress bars.")] = True,
+) -> None:
+    """Run a grid of configs x variants x seeds (resuming what finished) and write a table of mean ± std."""
+    from deepmetric.errors import ConfigError, RunFolderError
+    from deepmetric.training import grid as gridmod
+
+    try:
+        seed_list = [int(s) for item in seeds or [] for s in item.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds expects integers, e.g. --seeds 0,1,2; got {seeds}") from None
+    g = gridmod.make_grid(grid, config, set_, seed_list, protocol.value if protocol else None, folds)
+    if dry_run:
+        for run in gridmod.plan(g, out):
+            try:
+                state = gridmod.run_state(run)
+            except RunFolderError:
+                state = "differs"  # the folder holds another configuration: run_grid would stop there
+            out_console.print(f"{state:>7}  {run.label}  ->  {run.folder}", highlight=False, markup=False)
+        return
+    try:
+        gridmod.run_grid(g, out, overwrite=overwrite, progress=progress,
+                         echo=lambda line: out_console.print(line, highlight=False, markup=False))
+    except KeyboardInterrupt:
+        err_console.print("interrupted. Run the same command again to resume: finished runs are skipped.")
+        raise typer.Exit(130) from None
+    out_console.print((out / "results.md").read_text(), highlight=False, markup=False)
+    out_console.print(f"tables: {out / 'results.md'}, {out / 'results.csv'} (per run: {out / 'runs.csv'})")
 
 
 class Kind(str, Enum):

@@ -8,8 +8,10 @@ Bad content is **skipped with a warning** that lists it (nothing else is lost): 
 readable image, and files that are not readable images (checked on load with PIL, header only;
 ``verify=False`` skips the check for very large folders).
 
-``augment`` (default: ``split == "train"``) picks the train augmentation or the test transform; the
-trainer passes ``augment=False`` for a validation split carved from the training classes.
+``augment`` (default: ``split == "train"``) picks the train augmentation or the test transform of
+``pipeline`` (see ``data.transforms.PIPELINES``); the trainer passes ``augment=False`` for a validation split
+carved from the training classes, and the ``normalization`` its backbone expects (``imagenet``, or
+``bninception``: BGR, 0-255, mean-subtracted).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 from deepmetric.data import register
 from deepmetric.data.base import MetricDataset
 from deepmetric.data.images import IMAGE_EXTENSIONS, is_readable, load_rgb
-from deepmetric.data.transforms import image_transform
+from deepmetric.data.transforms import build_transform
 from deepmetric.errors import DataError
 
 NAMED_SPLITS = ("train", "test", "query", "gallery")
@@ -48,6 +50,8 @@ class ImageFolder(MetricDataset):
         augment: bool | None = None,
         verify: bool = True,
         image_size: int = 224,
+        pipeline: str = "default",
+        normalization: str = "imagenet",
     ):
         if root is None:
             raise DataError("data set 'folder' needs root=<folder with one sub-folder per class>")
@@ -94,7 +98,8 @@ class ImageFolder(MetricDataset):
         self.labels = np.asarray(labels, dtype=np.int64)
         self.classes = names
         augment = split == "train" if augment is None else augment
-        self.transform = transform if transform is not None else image_transform(augment, size=image_size)
+        self.transform = (transform if transform is not None
+                          else build_transform(augment, pipeline=pipeline, normalization=normalization, size=image_size))
 
     def __getitem__(self, index: int):
         img = load_rgb(self.paths[index])

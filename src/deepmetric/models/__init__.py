@@ -2,13 +2,14 @@
 
 ``build(name, pretrained=False, pretrained_path=None, **kwargs)`` returns a backbone: an ``nn.Module``
 mapping inputs to features ``[B, F]`` with attribute ``num_features``. Names are looked up in this
-order: deepmetric's own registry (``small_cnn``), timm, torchvision; force one with a ``timm:`` or
+order: deepmetric's own registry (``small_cnn``, ``bninception``), timm, torchvision; force one with a ``timm:`` or
 ``torchvision:`` prefix. ``available()`` lists the registered names (timm and torchvision names come on top).
 """
 
 from __future__ import annotations
 
 from deepmetric.models.backbones import BACKBONES, build, available
+from deepmetric.models import bninception  # noqa: F401 - registers `bninception`
 from deepmetric.models.head import EmbeddingHead, EmbeddingModel
 
 __all__ = ["BACKBONES", "build", "available", "EmbeddingHead", "EmbeddingModel"]

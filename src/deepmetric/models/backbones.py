@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepmetric.errors import BackboneWeightsError, UnknownNameError, suggest
+from deepmetric.errors import BackboneWeightsError, ConfigError, UnknownNameError, suggest
+from deepmetric.models.pooling import GlobalPool, PooledFeatures, check_pool
 from deepmetric.registry import Registry
 
 BACKBONES: Registry[nn.Module] = Registry("backbone")
@@ -64,8 +65,11 @@ def _weights_error(name: str, source: str, exc: Exception) -> BackboneWeightsErr
     )
 
 
-def _timm(name: str, pretrained: bool, pretrained_path: str | None, **kwargs: Any) -> nn.Module:
+def _timm(name: str, pretrained: bool, pretrained_path: str | None, pool: str | None = None, **kwargs: Any) -> nn.Module:
     import timm
+
+    if pool is not None and "global_pool" in kwargs:
+        raise ConfigError("give either pool (deepmetric's: avg, max, avg+max) or timm's global_pool, not both")
 
     overlay = {"file": str(pretrained_path)} if pretrained_path else None
     try:
@@ -77,6 +81,8 @@ def _timm(name: str, pretrained: bool, pretrained_path: str | None, **kwargs: An
         if pretrained or pretrained_path:
             raise _weights_error(name, "timm", exc) from exc
         raise
+    if pool is not None:
+        return PooledFeatures(model, check_pool(pool))
     return model  # timm models with num_classes=0 return pooled features and expose num_features
 
 
@@ -98,7 +104,8 @@ def _strip_classifier(model: nn.Module) -> int:
     raise ValueError(f"cannot find the classifier layer of {type(model).__name__} to remove")
 
 
-def _torchvision(name: str, pretrained: bool, pretrained_path: str | None, **kwargs: Any) -> nn.Module:
+def _torchvision(name: str, pretrained: bool, pretrained_path: str | None, pool: str | None = None,
+                 **kwargs: Any) -> nn.Module:
     import torchvision
 
     try:
@@ -110,14 +117,24 @@ def _torchvision(name: str, pretrained: bool, pretrained_path: str | None, **kwa
             raise _weights_error(name, "torchvision", exc) from exc
         raise
     model.num_features = _strip_classifier(model)
+    if pool is not None:
+        if not isinstance(getattr(model, "avgpool", None), nn.Module):
+            raise ConfigError(f"pool= needs a torchvision CNN with an `avgpool` layer (e.g. resnet50); {name!r} has none")
+        model.avgpool = GlobalPool(pool)
     return model
 
 
 def build(name: str, pretrained: bool = False, pretrained_path: str | None = None, **kwargs: Any) -> nn.Module:
-    """Build backbone ``name``: registered, an alias, else timm, else torchvision (``timm:``/``torchvision:`` force one)."""
+    """Build backbone ``name``: registered, an alias, else timm, else torchvision (``timm:``/``torchvision:`` force one).
+
+    ``pool`` (``avg``, ``max``, ``avg+max`` = GAP + GMP summed, Proxy-Anchor style) replaces the global pooling
+    of a timm or torchvision CNN; registered backbones take it as their own keyword.
+    """
     name = ALIASES.get(name, name)
     source, _, bare = name.rpartition(":")
     if not source and name in BACKBONES:
+        if "pretrained_path" in BACKBONES.parameters(name):  # e.g. bninception: weights from a local file
+            return BACKBONES.build(name, pretrained=pretrained, pretrained_path=pretrained_path, **kwargs)
         if pretrained or pretrained_path:
             raise BackboneWeightsError(f"backbone {name!r} has no pretrained weights; set pretrained=false")
         return BACKBONES.build(name, **kwargs)

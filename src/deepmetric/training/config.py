@@ -45,7 +45,8 @@ class DataConfig(Section):
         0, ge=0, description="cut the sorted training classes into this many class-disjoint folds and hold out "
         "fold `val_fold` to select the checkpoint (the Reality Check's cross-validation uses 4); 0 = none"
     )
-    val_fold: int = Field(0, ge=0, description="the fold held out when val_folds > 0 (numbered from 0)")
+    val_fold: int = Field(0, ge=0, validate_default=True,
+                          description="the fold held out when val_folds > 0 (numbered from 0)")
     num_workers: int = Field(0, ge=0)
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keywords for the data set")
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from deepmetric.training.build import Splits, build_model, build_splits, resolve_device
-from deepmetric.training.config import EvalConfig, load
+from deepmetric.training.config import EvalConfig, RunConfig, load
 from deepmetric.training.embed import embed
 
 
@@ -29,8 +29,9 @@ def evaluate_model(
     return evaluation.evaluate(*gallery, query_embeddings=query[0], query_labels=query[1], **kw), gallery
 
 
-def evaluate_run(run_dir: str | Path, which: str = "best") -> dict[str, float]:
-    """Test metrics of the run's ``best`` (falls back to ``last`` when nothing was selected) or ``last`` checkpoint."""
+def load_run_model(run_dir: str | Path, which: str = "best") -> tuple[RunConfig, nn.Module, torch.device]:
+    """The run's config and its model with the ``best`` (falls back to ``last`` when nothing was selected)
+    or ``last`` checkpoint's weights, on the run's device."""
     run_dir = Path(run_dir)
     if which not in ("best", "last"):
         raise RunFolderError(f"--checkpoint must be 'best' or 'last', got {which!r}")
@@ -45,4 +46,10 @@ def evaluate_run(run_dir: str | Path, which: str = "best") -> dict[str, float]:
     device = resolve_device(cfg.device)
     model = build_model(cfg).to(device)
     model.load_state_dict(checkpoint.load(path, device)["model"])
+    return cfg, model, device
+
+
+def evaluate_run(run_dir: str | Path, which: str = "best") -> dict[str, float]:
+    """Test metrics of the run's ``best`` (falls back to ``last`` when nothing was selected) or ``last`` checkpoint."""
+    cfg, model, device = load_run_model(run_dir, which)
     return evaluate_model(model, build_splits(cfg), cfg.eval, device)[0]

@@ -1,0 +1,218 @@
+"""`deepmetric benchmark`: grids of configs x variants x seeds, resume, the tables, and the Reality Check."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from deepmetric import evaluation
+from deepmetric.cli import app
+from deepmetric.data.base import class_folds
+from deepmetric.errors import ConfigError, RunFolderError, UnknownNameError
+from deepmetric.training import Hook, Trainer, load
+from deepmetric.training import grid as G
+from deepmetric.training.build import build_splits
+from deepmetric.training.config import dump
+from deepmetric.training.evaluate_run import load_run_model
+from deepmetric.training.runfolder import read_records
+
+ROOT = Path(__file__).resolve().parents[2]
+# + train.epochs in each test (a key given twice is swept)
+TINY = ["train.iterations_per_epoch=2", "eval.tsne=false", "eval.ks=[1,2]", "model.backbone_kwargs={width: 8}"]
+
+
+def _sets(items):
+    return [a for s in items for a in ("--set", s)]
+
+
+def _csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------------- folds
+
+def test_class_folds_are_contiguous_disjoint_and_cover_the_classes():
+    labels = np.repeat(np.arange(10, 20), 3)
+    held = [class_folds(labels, 4, f)[1].tolist() for f in range(4)]
+    assert held == [[10, 11, 12], [13, 14, 15], [16, 17], [18, 19]]  # near-equal chunks of the sorted ids
+    kept, held1 = class_folds(labels, 4, 1)
+    assert set(kept) | set(held1) == set(range(10, 20)) and not set(kept) & set(held1)
+    with pytest.raises(ConfigError, match="use fewer folds"):
+        class_folds(np.arange(5), 4, 0)  # a 1-class fold cannot rank anything
+    with pytest.raises(ConfigError, match="numbered from 0"):
+        class_folds(labels, 4, 4)
+
+
+def test_fold_keys_in_the_config():
+    cfg = load(None, ["data.val_folds=2", "data.val_fold=1"])
+    splits = build_splits(cfg)
+    assert set(splits.val.labels) == {3, 4} and set(splits.train.labels) == {0, 1, 2}
+    assert not splits.val.augment and splits.train.augment  # the validation fold is embedded without augmentation
+    for bad, match in ((["data.val_folds=1"], "at least 2"), (["data.val_folds=2", "data.val_fold=2"], "below"),
+                       (["data.val_folds=2", "data.val_classes=2"], "not both")):
+        with pytest.raises(ConfigError, match=match):
+            load(None, bad)
+
+
+# ------------------------------------------------------------------------------------------- the grid
+
+def test_repeated_set_keys_are_swept():
+    common, variants = G.sweep(["loss.name=a", "train.epochs=3", "loss.name=b", "optimizer.lr=0.1",
+                                "optimizer.lr=0.2", "loss.name=a"])
+    assert common == ["train.epochs=3"]
+    assert variants == {
+        "loss.name=a optimizer.lr=0.1": ["loss.name=a", "optimizer.lr=0.1"],
+        "loss.name=a optimizer.lr=0.2": ["loss.name=a", "optimizer.lr=0.2"],
+        "loss.name=b optimizer.lr=0.1": ["loss.name=b", "optimizer.lr=0.1"],
+        "loss.name=b optimizer.lr=0.2": ["loss.name=b", "optimizer.lr=0.2"],
+    }
+
+
+def test_grid_file_variants_configs_and_command_line(tmp_path):
+    (tmp_path / "cub200").mkdir()
+    (tmp_path / "cars196").mkdir()
+    for d in ("cub200", "cars196"):
+        (tmp_path / d / "ms.yaml").write_text("train: {epochs: 7}\n")
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(
+        "configs: [cub200/ms.yaml, cars196/ms.yaml]\nseeds: [3, 4]\nset: [train.epochs=5, eval.tsne=false]\n"
+        "variants:\n  ms: [loss.name=multi_similarity]\n"
+        "  ms+xbm: {loss.name: multi_similarity, memory.size: 128, eval.ks: [1, 4]}\n"
+    )
+    grid = G.make_grid(grid_file, overrides=["optimizer.lr=0.1", "optimizer.lr=0.2", "train.epochs=2"])
+    assert list(grid.configs) == ["cub200/ms", "cars196/ms"]  # named apart by their folders
+    assert list(grid.variants) == ["ms optimizer.lr=0.1", "ms optimizer.lr=0.2",
+                                   "ms+xbm optimizer.lr=0.1", "ms+xbm optimizer.lr=0.2"]
+    runs = G.plan(grid, tmp_path / "out")
+    assert len(runs) == 2 * 4 * 2
+    run = runs[-1]
+    assert (run.config, run.variant, run.seed) == ("cars196/ms", "ms+xbm optimizer.lr=0.2", 4)
+    assert run.folder == tmp_path / "out" / "cars196" / "ms" / "ms+xbm_optimizer.lr=0.2" / "seed4"
+    c = run.cfg
+    assert (c.seed, c.train.epochs, c.memory.size, c.eval.ks, c.optimizer.lr) == (4, 2, 128, [1, 4], 0.2)
+    assert G.make_grid(grid_file, seeds=[9], configs=[tmp_path / "cub200" / "ms.yaml"]).seeds == [9]
+
+    grid_file.write_text("configs: [ms.yaml]\nseed: [1]\n")
+    with pytest.raises(ConfigError, match="(?s)'seed': Extra inputs.*Valid keys: configs, variants, seeds"):
+        G.make_grid(grid_file)
+    grid_file.write_text("configs: [nothere.yaml]\n")
+    with pytest.raises(ConfigError, match="config file not found: nothere.yaml"):
+        G.make_grid(grid_file)
+    grid_file.write_text("variants: {a: [loss.name=multi_similarity], b: [loss.name=multi_similarty]}\n")
+    with pytest.raises(UnknownNameError, match=r"defaults \| b: .*Did you mean 'multi_similarity'"):
+        G.plan(G.make_grid(grid_file), tmp_path / "out")  # every config is checked before anything trains
+    with pytest.raises(ConfigError, match="distinct"):
+        G.make_grid(seeds=[1, 1])
+
+
+def test_shipped_grid_file_plans():
+    grid = G.make_grid(ROOT / "grids" / "digits_losses.yaml")
+    runs = G.plan(grid, "unused")
+    assert len(runs) == 3 * 3 and {r.cfg.loss.name for r in runs} == {"contrastive", "triplet", "multi_similarity"}
+    assert all(r.cfg.data.val_classes == 2 for r in runs)
+
+
+def test_aggregate_mean_std_and_t_interval():
+    recs = [{"config": "c", "variant": "v", "view": "single", "seed": s, "fold": "", "selected_on": "test",
+             "selected_epoch": 1, "folder": "x", "map@r": m, "recall@1": 0.9, "n_lone_queries": 0}
+            for s, m in ((0, 0.1), (1, 0.3))]
+    (row,) = G.aggregate(recs)
+    assert row["n"] == 2 and row["map@r_mean"] == pytest.approx(0.2)
+    assert row["map@r_std"] == pytest.approx(0.1 * 2**0.5)
+    assert row["map@r_ci95"] == pytest.approx(12.7062 * 0.1, rel=1e-4)  # t(0.975, 1 dof) * s / sqrt(2)
+    assert "n_lone_queries_mean" not in row
+    md = G.markdown_table([row], "standard")
+    assert md.splitlines()[0] == "| config | variant | selected on | n | MAP@R | R@1 | MAP@R 95% CI |"
+    assert "0.2000 ± 0.1414" in md and "[-1.0706, 1.4706]" in md and "WARNING" in md
+
+
+# ------------------------------------------------------------------------------------------- running
+
+def test_cli_sweep_writes_the_tables_and_skips_finished_runs(tmp_path):
+    out = tmp_path / "bench"
+    args = ["benchmark", "--set", "loss.name=contrastive", "--set", "loss.name=multi_similarity", "--seeds", "0,1",
+            *_sets(TINY), "--set", "train.epochs=1", "--out", str(out), "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count(": training") == 4
+    runs, rows = _csv(out / "runs.csv"), _csv(out / "results.csv")
+    assert len(runs) == 4 and [r["variant"] for r in rows] == ["loss.name=contrastive", "loss.name=multi_similarity"]
+    for row in rows:
+        summaries = [json.loads((out / r["folder"] / "summary.json").read_text())
+                     for r in runs if r["variant"] == row["variant"]]
+        values = [s["test"]["map@r"] for s in summaries]
+        assert float(row["map@r_mean"]) == pytest.approx(np.mean(values))
+        assert float(row["map@r_std"]) == pytest.approx(np.std(values, ddof=1))
+        assert {s["config"]["seed"] for s in summaries} == {0, 1} and row["selected_on"] == "last"
+        assert {s["config"]["loss"]["name"] for s in summaries} == {row["variant"].split("=")[1]}
+    md = (out / "results.md").read_text()
+    assert md.startswith("| config | variant | selected on | n | MAP@R | R-Precision | R@1 | R@2 |")
+    assert "last epoch of a fixed schedule" in md and md in result.output.replace("\r", "")
+
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and again.output.count("finished, skipped") == 4
+    assert _csv(out / "results.csv") == rows
+
+
+class Interrupt(Hook):
+    def on_epoch_start(self, trainer, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+
+def test_resume_interrupted_and_stale_runs_and_refuse_other_configs(tmp_path):
+    out, lines = tmp_path / "bench", []
+    grid = G.make_grid(overrides=[*TINY, "train.epochs=2"], seeds=[0, 1])
+    first, second = G.plan(grid, out)
+    with pytest.raises(KeyboardInterrupt):  # seed 0 stops after epoch 1 (it has a checkpoint)
+        Trainer(first.cfg, first.folder, hooks=[Interrupt()], progress=False).fit()
+    second.folder.mkdir(parents=True)
+    (second.folder / "config.yaml").write_text(dump(second.cfg))  # seed 1 stopped before its first checkpoint
+    rows = G.run_grid(grid, out, echo=lines.append)
+    assert [line.split(": ")[-1] for line in lines] == ["resuming", "training"]
+    assert [r["epoch"] for r in read_records(first.folder)] == [0, 1, 2]
+    assert rows[0]["n"] == 2
+
+    other = G.make_grid(overrides=[*TINY, "train.epochs=3"], seeds=[0])
+    with pytest.raises(RunFolderError, match=r"different configuration \(train.epochs: 2 -> 3\).*--overwrite"):
+        G.run_grid(other, out, echo=lines.append)
+    G.run_grid(other, out, overwrite=True, echo=lines.append)
+    assert json.loads((first.folder / "summary.json").read_text())["config"]["train"]["epochs"] == 3
+
+
+def test_reality_check_folds_separated_and_concatenated(tmp_path):
+    out = tmp_path / "rc"
+    grid = G.make_grid(overrides=[*TINY, "train.epochs=1", "sampler.batch_size=32"], protocol="reality-check", folds=2)
+    rows = G.run_grid(grid, out, echo=lambda line: None)
+    fold_runs = G.plan(grid, out)
+    assert [r.fold for r in fold_runs] == [0, 1]
+    assert all(r.cfg.model.embedding_size == 128 and r.cfg.train.select_metric == "map@r" for r in fold_runs)
+    summaries = [json.loads((r.folder / "summary.json").read_text()) for r in fold_runs]
+    assert all(s["selected"]["split"] == "val" for s in summaries)
+
+    separated, concatenated = rows
+    assert (separated["view"], concatenated["view"]) == ("separated", "concatenated")
+    assert separated["map@r_mean"] == pytest.approx(np.mean([s["test"]["map@r"] for s in summaries]))
+    ensemble = json.loads((out / "defaults" / "default" / "seed0" / "ensemble.json").read_text())
+    assert ensemble["embedding_size"] == 256
+    assert [f["val_classes"] for f in ensemble["folds"]] == [[0, 1, 2], [3, 4]]
+    # the concatenated view = the fold models' L2-normalised test embeddings, joined
+    test = build_splits(fold_runs[0].cfg).test
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    with torch.no_grad():
+        joined = torch.cat([F.normalize(load_run_model(r.folder)[1].eval()(x), dim=-1) for r in fold_runs], dim=1)
+    expected = evaluation.evaluate(joined, torch.as_tensor(test.labels), ks=(1, 2))
+    assert concatenated["map@r_mean"] == pytest.approx(expected["map@r"], abs=1e-6)
+    assert concatenated["recall@1_mean"] == pytest.approx(expected["recall@1"], abs=1e-6)
+    md = (out / "results.md").read_text()
+    assert "| view |" in md and "concatenated" in md and "held-out fold" in md
+
+    with pytest.raises(ConfigError, match="use fewer folds"):  # digits has 5 training classes: 4 folds cannot work
+        G.run_grid(G.make_grid(overrides=[*TINY, "train.epochs=1"], protocol="reality-check"), tmp_path / "rc4",
+                   echo=lambda line: None)
