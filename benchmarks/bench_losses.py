@@ -1,8 +1,10 @@
-"""Pair-based losses (+ miners): deepmetric vs pytorch-metric-learning (PML), side by side in one run.
+"""Pair-based (+ miners) and proxy losses: deepmetric vs pytorch-metric-learning (PML), side by side in one run.
 
 Each case is one forward+backward step ``[miner(x, y) ->] loss(x, y[, tuples]).backward()`` on
 ``randn(B, D)`` leaf embeddings with labels in contiguous blocks of 4 (as an m-per-class sampler yields
-them), for B in {128, 512, 2048} and D in {128, 512}. Both libraries are configured to the same
+them), for B in {128, 512, 2048} and D in {128, 512}. Proxy losses (the ``"classes"`` cases; their
+proxies get gradients too) run for B in {128, 512}, D in {128, 512} and C in {100, 11318} classes
+(CUB-like and SOP-like proxy counts; labels taken modulo C). Both libraries are configured to the same
 definition (PML defaults where PML has them). Every case runs in fresh subprocesses with 2 threads
 (``OMP_NUM_THREADS=2``, ``torch.set_num_threads(2)``) and an address-space cap (``RLIMIT_AS``, 20 GiB),
 so a blow-up is an allocation error, not the OOM killer:
@@ -20,11 +22,13 @@ The parent records the share of the machine's CPU used by other processes during
 
 Usage::
 
-    python benchmarks/bench_losses.py            # full grid (~10-15 min on 2 cores)
+    python benchmarks/bench_losses.py            # full grid (pair losses ~10-15 min on 2 cores)
+    python benchmarks/bench_losses.py --cases proxy_anchor soft_triple   # some cases; other rows are kept
     python benchmarks/bench_losses.py --quick    # B in {128, 512}, D = 128, fewer steps
     python benchmarks/bench_losses.py --device cuda --out benchmarks/results/bench_losses_cuda.json
 
-Prints a table (ms, ratio = PML / ours, memory) and writes benchmarks/results/bench_losses.json.
+Prints a table (ms, ratio = PML / ours, memory) and merges the rows into
+benchmarks/results/bench_losses.json (rows of cases not run are kept; summaries per family, pair / proxy).
 """
 
 from __future__ import annotations
@@ -85,27 +89,64 @@ CASES: dict[str, dict] = {
         "ours": (None, {}, "ntxent", {"temperature": 0.07}),
         "pml": (None, "losses.NTXentLoss(temperature=0.07)"),
     },
+    # proxy losses: built with num_classes C and embedding_size D ({C}, {D} in the PML expression)
+    "proxy_nca": {  # PML's ProxyNCALoss is the softmax form (positive included) at temperature 1
+        "classes": True,
+        "ours": (None, {}, "proxy_nca_pp", {"temperature": 1.0}),
+        "pml": (None, "losses.ProxyNCALoss({C}, {D}, softmax_scale=1)"),
+    },
+    "proxy_anchor": {
+        "classes": True,
+        "ours": (None, {}, "proxy_anchor", {}),
+        "pml": (None, "losses.ProxyAnchorLoss({C}, {D}, margin=0.1, alpha=32)"),
+    },
+    "soft_triple": {  # PML has no centre regulariser: tau = 0
+        "classes": True,
+        "ours": (None, {}, "soft_triple", {"tau": 0.0}),
+        "pml": (None, "losses.SoftTripleLoss({C}, {D}, centers_per_class=10, la=20, gamma=0.1, margin=0.01)"),
+    },
+    "normalized_softmax": {
+        "classes": True,
+        "ours": (None, {}, "normalized_softmax", {}),
+        "pml": (None, "losses.NormalizedSoftmaxLoss({C}, {D}, temperature=0.05)"),
+    },
+    "arcface": {
+        "classes": True,
+        "ours": (None, {}, "arcface", {}),
+        "pml": (None, "losses.ArcFaceLoss({C}, {D}, margin=28.6478897565412, scale=64)"),
+    },
+    "cosface": {
+        "classes": True,
+        "ours": (None, {}, "cosface", {}),
+        "pml": (None, "losses.CosFaceLoss({C}, {D}, margin=0.35, scale=64)"),
+    },
 }
+PROXY_CLASSES = (100, 11318)
 AS_LIMIT = 20 * 2**30
 
 
-def _build(lib: str, case: str, device: str):
+def family(case: str) -> str:
+    return "proxy" if CASES[case].get("classes") else "pair"
+
+
+def _build(lib: str, case: str, device: str, dim: int, classes: int):
     if lib == "ours":
         from deepmetric import losses, miners
 
         miner_key, miner_kw, loss_key, loss_kw = CASES[case]["ours"]
         miner = miners.build(miner_key, **miner_kw) if miner_key else None
-        loss = losses.build(loss_key, **loss_kw)
+        sizes = {"num_classes": classes, "embedding_size": dim} if classes else {}
+        loss = losses.build(loss_key, **sizes, **loss_kw)
     else:
         from pytorch_metric_learning import losses, miners  # noqa: F401  (used by eval)
 
         miner_expr, loss_expr = CASES[case]["pml"]
         miner = eval(miner_expr) if miner_expr else None
-        loss = eval(loss_expr)
+        loss = eval(loss_expr.format(C=classes, D=dim))
     return miner, loss.to(device)
 
 
-def child(mode: str, case: str, batch: int, dim: int, device: str, quick: bool) -> dict:
+def child(mode: str, case: str, batch: int, dim: int, device: str, quick: bool, classes: int = 0) -> dict:
     """``mode="time"``: both libraries in this process, steps interleaved (ours, PML, ours, ...) so that
     load from other processes hits both alike; median per library. ``mode="mem_ours"``/``"mem_pml"``:
     one library, warm-up + one step, peak RSS growth over the post-setup baseline (CUDA: peak allocated)."""
@@ -115,10 +156,12 @@ def child(mode: str, case: str, batch: int, dim: int, device: str, quick: bool) 
 
     torch.set_num_threads(2)
     libs = ("ours", "pml") if mode == "time" else (mode[4:],)
-    built = {lib: _build(lib, case, device) for lib in libs}
+    built = {lib: _build(lib, case, device, dim, classes) for lib in libs}
     torch.manual_seed(0)
     x = torch.randn(batch, dim, device=device, requires_grad=True)
     y = torch.arange(batch // 4, device=device).repeat_interleave(4)
+    if classes:
+        y = y % classes
     cuda = device.startswith("cuda")
 
     def sync() -> None:
@@ -176,12 +219,12 @@ def _cpu_jiffies() -> tuple[int, int]:
     return sum(fields), fields[3] + fields[4]  # total, idle + iowait
 
 
-def run_child(mode: str, case: str, batch: int, dim: int, device: str, quick: bool) -> dict:
+def run_child(mode: str, case: str, batch: int, dim: int, device: str, quick: bool, classes: int = 0) -> dict:
     """Run ``child`` in a fresh interpreter (2 threads, AS cap); adds the other processes' CPU share.
 
     A timing run during which other processes used more than 25% of the machine is retried once."""
     env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
-    cmd = [sys.executable, __file__, "--child", json.dumps([mode, case, batch, dim, device, quick])]
+    cmd = [sys.executable, __file__, "--child", json.dumps([mode, case, batch, dim, device, quick, classes])]
     limit = None if device.startswith("cuda") else AS_LIMIT
 
     def cap() -> None:
@@ -233,49 +276,33 @@ def main() -> None:
     import pytorch_metric_learning
     import torch
 
-    batches = (128, 512) if args.quick else (128, 512, 2048)
-    dims = (128,) if args.quick else (128, 512)
     rows = []
-    header = "| case | B | D | ours ms | PML ms | PML / ours | ours MB | PML MB | other CPU |"
+    header = "| case | B | D | C | ours ms | PML ms | PML / ours | ours MB | PML MB | other CPU |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for case in args.cases:
-        for batch in batches:
-            for dim in dims:
-                timing = run_child("time", case, batch, dim, args.device, args.quick)
-                mem = {lib: run_child(f"mem_{lib}", case, batch, dim, args.device, args.quick) for lib in ("ours", "pml")}
-                res = {}
-                for lib in ("ours", "pml"):
-                    res[lib] = dict(timing.get(lib, {}), **mem[lib])
-                    error = mem[lib].get("error") or res[lib].get("error") or timing.get("error")
-                    if error or "ms" not in res[lib]:
-                        res[lib]["error"] = error or "no timing"
-                ours, pml = res["ours"], res["pml"]
-                ratio = pml["ms"] / ours["ms"] if "ms" in ours and "ms" in pml else None
-                row = {"case": case, "B": batch, "D": dim, "ours": ours, "pml": pml, "ratio": ratio}
-                row["other_cpu_frac"] = timing.get("other_cpu_frac")
-                rows.append(row)
-                mb = [f"{r['mem_mb']:.0f}" if "mem_mb" in r else "crash" for r in (ours, pml)]
-                print(
-                    f"| {case} | {batch} | {dim} | {fmt_ms(ours)} | {fmt_ms(pml)} | "
-                    f"{'-' if ratio is None else f'{ratio:.2f}x'} | {mb[0]} | {mb[1]} | "
-                    f"{row['other_cpu_frac'] or 0:.0%} |",
-                    flush=True,
-                )
-    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
-    summary = {
-        "median_ratio": statistics.median(ratios) if ratios else None,
-        "min_ratio": min(ratios) if ratios else None,
-        "pml_crashes": [f"{r['case']} B{r['B']} D{r['D']}" for r in rows if "error" in r["pml"]],
-        "ours_crashes": [f"{r['case']} B{r['B']} D{r['D']}" for r in rows if "error" in r["ours"]],
-        "ours_more_memory": [
-            f"{r['case']} B{r['B']} D{r['D']}"
-            for r in rows
-            if "mem_mb" in r["ours"] and "mem_mb" in r["pml"] and r["ours"]["mem_mb"] > r["pml"]["mem_mb"] + 8
-        ],
-    }
-    print(f"\nmedian PML/ours {summary['median_ratio']:.2f}x, min {summary['min_ratio']:.2f}x; "
-          f"PML crashed: {summary['pml_crashes'] or 'none'}; ours crashed: {summary['ours_crashes'] or 'none'}")
+        for batch, dim, classes in grid(case, args.quick):
+            timing = run_child("time", case, batch, dim, args.device, args.quick, classes)
+            mem = {lib: run_child(f"mem_{lib}", case, batch, dim, args.device, args.quick, classes) for lib in ("ours", "pml")}
+            res = {}
+            for lib in ("ours", "pml"):
+                res[lib] = dict(timing.get(lib, {}), **mem[lib])
+                error = mem[lib].get("error") or res[lib].get("error") or timing.get("error")
+                if error or "ms" not in res[lib]:
+                    res[lib]["error"] = error or "no timing"
+            ours, pml = res["ours"], res["pml"]
+            ratio = pml["ms"] / ours["ms"] if "ms" in ours and "ms" in pml else None
+            row = {"case": case, "B": batch, "D": dim, **({"C": classes} if classes else {}),
+                   "ours": ours, "pml": pml, "ratio": ratio}
+            row["other_cpu_frac"] = timing.get("other_cpu_frac")
+            rows.append(row)
+            mb = [f"{r['mem_mb']:.0f}" if "mem_mb" in r else "crash" for r in (ours, pml)]
+            print(
+                f"| {case} | {batch} | {dim} | {classes or '-'} | {fmt_ms(ours)} | {fmt_ms(pml)} | "
+                f"{'-' if ratio is None else f'{ratio:.2f}x'} | {mb[0]} | {mb[1]} | "
+                f"{row['other_cpu_frac'] or 0:.0%} |",
+                flush=True,
+            )
     meta = {
         "device": args.device,
         "quick": args.quick,
@@ -287,9 +314,65 @@ def main() -> None:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
-    print(f"wrote {args.out}")
+    out = Path(args.out)
+    merged = merge(json.loads(out.read_text()) if out.is_file() else None, rows, meta)
+    for fam, summary in merged["summary"].items():
+        print(f"{fam}: median PML/ours {summary['median_ratio']:.2f}x over {summary['cases']} cases, "
+              f"min {summary['min_ratio']:.2f}x; PML crashed: {summary['pml_crashes'] or 'none'}; "
+              f"ours crashed: {summary['ours_crashes'] or 'none'}; ours more memory: {summary['ours_more_memory'] or 'none'}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=1))
+    print(f"wrote {out}")
+
+
+def grid(case: str, quick: bool) -> list[tuple[int, int, int]]:
+    """(B, D, C) of a case; C = 0 for pair losses."""
+    dims = (128,) if quick else (128, 512)
+    if family(case) == "proxy":
+        return [(b, d, c) for b in ((128,) if quick else (128, 512)) for d in dims for c in PROXY_CLASSES]
+    return [(b, d, 0) for b in ((128, 512) if quick else (128, 512, 2048)) for d in dims]
+
+
+def row_key(row: dict) -> tuple:
+    return row["case"], row["B"], row["D"], row.get("C", 0)
+
+
+def summarize(rows: list[dict]) -> dict:
+    def name(r: dict) -> str:
+        return f"{r['case']} B{r['B']} D{r['D']}" + (f" C{r['C']}" if "C" in r else "")
+
+    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
+    return {
+        "cases": len(ratios),
+        "median_ratio": statistics.median(ratios) if ratios else None,
+        "min_ratio": min(ratios) if ratios else None,
+        "pml_crashes": [name(r) for r in rows if "error" in r["pml"]],
+        "ours_crashes": [name(r) for r in rows if "error" in r["ours"]],
+        "ours_more_memory": [
+            name(r) for r in rows
+            if "mem_mb" in r["ours"] and "mem_mb" in r["pml"] and r["ours"]["mem_mb"] > r["pml"]["mem_mb"] + 8
+        ],
+    }
+
+
+def merge(old: dict | None, rows: list[dict], meta: dict) -> dict:
+    """The results file with ``rows`` replacing the old rows of the same (case, B, D, C); other rows are kept.
+    ``meta`` and ``summary`` are per family (``pair``, ``proxy``); a family's meta is replaced when rows of it
+    were run. A file written before families existed (flat ``meta``) counts as the pair family's."""
+    old = old or {"meta": {}, "rows": []}
+    old_meta = old.get("meta", {})
+    metas = {"pair": old_meta} if "device" in old_meta else dict(old_meta)
+    new_keys = {row_key(r) for r in rows}
+    kept = [r for r in old.get("rows", []) if row_key(r) not in new_keys and r["case"] in CASES]
+    all_rows = kept + rows
+    for fam in {family(r["case"]) for r in rows}:
+        metas[fam] = meta
+    families = sorted({family(r["case"]) for r in all_rows})
+    return {
+        "meta": {f: metas[f] for f in families if f in metas},
+        "summary": {f: summarize([r for r in all_rows if family(r["case"]) == f]) for f in families},
+        "rows": all_rows,
+    }
 
 
 if __name__ == "__main__":

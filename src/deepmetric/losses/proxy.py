@@ -16,6 +16,7 @@ and are refused with a clear error, as is a cross-batch memory.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,18 +45,166 @@ def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, epsilon: 
     return -((1 - epsilon) * true + epsilon / (c - 1) * others).mean()
 
 
-def proxy_anchor_terms(sim: torch.Tensor, labels: torch.Tensor, alpha: float, delta: float) -> torch.Tensor:
-    """Proxy-Anchor on a sample-to-class similarity matrix ``sim [B, C]`` (see :class:`ProxyAnchorLoss`)."""
-    pos = F.one_hot(labels, sim.shape[1]).bool()
+def _reference_proxy_anchor(sim: torch.Tensor, labels: torch.Tensor, alpha: float, delta: float) -> torch.Tensor:
+    """Proxy-Anchor by plain autograd (masked log-sum-exps); twice differentiable."""
+    pos = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, labels[:, None], True)
     pos_term = masked_logsumexp(-alpha * (sim - delta), pos, dim=0, add_one=True)
     neg_term = masked_logsumexp(alpha * (sim + delta), ~pos, dim=0, add_one=True)
     n_with_pos = pos.any(0).sum().clamp(min=1)
     return pos_term.sum() / n_with_pos + neg_term.sum() / sim.shape[1]
 
 
+def _reference_cosine(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=1) @ F.normalize(w, dim=1).T
+
+
+def _differentiable_backward(reference, inputs: tuple, grad: torch.Tensor, needs: tuple) -> tuple:
+    """Backward of a hand-differentiated function when a graph of the backward is asked for
+    (``create_graph=True``, e.g. a Hessian): the gradient of ``reference(*inputs)``, itself differentiable."""
+    wrt = [t for t, n in zip(inputs, needs) if n]
+    grads = iter(torch.autograd.grad(reference(*inputs), wrt, grad, create_graph=True))
+    return tuple(next(grads) if n else None for n in needs)
+
+
+class _ProxyAnchor(torch.autograd.Function):
+    """Proxy-Anchor's two terms on ``sim [B, C]`` with a hand-written backward.
+
+    Each sample has exactly one positive column (its label), so the positive term touches only the B
+    gathered similarities (per-class log-sum-exps by scatter), and the negative term is one ``[B, C]``
+    exponential with the positives zeroed. Every log-sum-exp is shifted by its (column or class) maximum,
+    clamped at 0 for the ``1 +``, so any α is stable. Memory: one saved ``[B, C]`` buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, sim: torch.Tensor, labels: torch.Tensor, alpha: float, delta: float) -> torch.Tensor:
+        n_cls = sim.shape[1]
+        col = labels[:, None]
+        e = torch.mul(sim, alpha).add_(alpha * delta).scatter_(1, col, float("-inf"))  # α(s + δ), negatives only
+        m = e.amax(0).clamp_(min=0)
+        e.sub_(m).exp_()
+        neg_den = e.sum(0).add_(torch.exp(-m))  # e^{−m} + Σ e^{z − m}: log(1 + Σ e^z) = m + log(...)
+        neg = (m + torch.log(neg_den)).sum() / n_cls
+        zp = sim.gather(1, col).squeeze(1).sub(delta).mul_(-alpha)  # −α(s_pos − δ), [B]
+        mp = torch.zeros(n_cls, dtype=sim.dtype, device=sim.device).scatter_reduce_(0, labels, zp, "amax")
+        ep = torch.exp(zp - mp[labels])
+        pos_den = torch.exp(-mp).index_add_(0, labels, ep)
+        present = torch.zeros(n_cls, dtype=torch.bool, device=sim.device).index_fill_(0, labels, True)
+        n_pos = present.sum().clamp(min=1)
+        pos = ((mp + torch.log(pos_den)) * present).sum() / n_pos
+        ctx.save_for_backward(sim, e, neg_den, labels, ep, pos_den, n_pos)
+        ctx.alpha, ctx.delta = alpha, delta
+        return pos + neg
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        sim, e, neg_den, labels, ep, pos_den, n_pos = ctx.saved_tensors
+        a = ctx.alpha
+        if torch.is_grad_enabled():
+            (g,) = _differentiable_backward(lambda s: _reference_proxy_anchor(s, labels, a, ctx.delta), (sim,), grad, (True,))
+            return g, None, None, None
+        g = e * (grad * a / e.shape[1] / neg_den)  # ∂/∂s of the negative term (0 at the positives)
+        g_pos = ep / pos_den[labels] * (-a * grad / n_pos)
+        g.scatter_(1, labels[:, None], g_pos[:, None])
+        return g, None, None, None
+
+
+def proxy_anchor_terms(sim: torch.Tensor, labels: torch.Tensor, alpha: float, delta: float) -> torch.Tensor:
+    """Proxy-Anchor on a sample-to-class similarity matrix ``sim [B, C]`` (see :class:`ProxyAnchorLoss`)."""
+    return _ProxyAnchor.apply(sim, labels, alpha, delta)
+
+
+class _Cosine(torch.autograd.Function):
+    """``cos[b, p] = x_bᵀw_p / (‖x_b‖ ‖w_p‖)`` with a hand-written backward: one matmul and the norms, then
+    in-place divisions; no normalised copies of x or the proxies are made or stored. With
+    ``G' = G / (‖x_b‖ ‖w_p‖)``, ``u = G'w`` and ``v = G'ᵀx``: ``∂x = u − (x·u / ‖x‖²) x`` and
+    ``∂w = v − (w·v / ‖w‖²) w`` (``x·u = Σ_p G∘cos``, so no other ``[B, P]`` pass is needed)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        x_norm = x.norm(dim=1).clamp_(min=1e-12)  # as F.normalize: v / max(‖v‖, 1e-12)
+        w_norm = w.norm(dim=1).clamp_(min=1e-12)
+        cos = (x @ w.T).div_(x_norm[:, None]).div_(w_norm)
+        ctx.save_for_backward(x, x_norm, w, w_norm)
+        return cos
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, x_norm, w, w_norm = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _differentiable_backward(_reference_cosine, (x, w), grad, ctx.needs_input_grad)
+        g = (grad / x_norm[:, None]).div_(w_norm)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            u = g @ w
+            gx = u.addcmul_(x, (torch.linalg.vecdot(x, u) / x_norm.square())[:, None], value=-1)
+        if ctx.needs_input_grad[1]:
+            v = g.T @ x
+            gw = v.addcmul_(w, (torch.linalg.vecdot(w, v) / w_norm.square())[:, None], value=-1)
+        return gx, gw
+
+
 def cosine_to_proxies(x: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
     """``x̂ ŵᵀ`` in ``x``'s dtype (float32 or float64): cosine similarity to each proxy, ``[B, P]``."""
-    return F.normalize(x, dim=1) @ F.normalize(proxies.to(x.dtype), dim=1).T
+    return _Cosine.apply(x, proxies.to(x.dtype))
+
+
+# a target-logit margin: similarities of the samples to their own class -> (modified logits, derivative)
+Target = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
+
+
+def _reference_softmax_ce(sim: torch.Tensor, labels: torch.Tensor, scale: float, target: Target) -> torch.Tensor:
+    col = labels[:, None]
+    logits = sim if target is None else sim.scatter(1, col, target(sim.gather(1, col))[0])
+    return F.cross_entropy(scale * logits, labels)
+
+
+class _SoftmaxCE(torch.autograd.Function):
+    """``cross_entropy(scale · logits, y)`` where ``logits = sim`` except the target column,
+    ``target(sim[b, y_b])``; one ``[B, C]`` buffer holds the logits, then the softmax that the
+    hand-written backward reuses (``(p − onehot) · scale / B``, the target column times the target's
+    derivative)."""
+
+    @staticmethod
+    def forward(ctx, sim: torch.Tensor, labels: torch.Tensor, scale: float, target: Target) -> torch.Tensor:
+        col = labels[:, None]
+        sim_y = sim.gather(1, col).squeeze(1)
+        z = sim * scale
+        if target is None:
+            z_y, slope = sim_y * scale, None
+        else:
+            value, slope = target(sim_y)
+            z_y = value * scale
+            z.scatter_(1, col, z_y[:, None])
+        m = z.amax(1, keepdim=True)
+        p = z.sub_(m).exp_()
+        total = p.sum(1, keepdim=True)
+        loss = (m.squeeze(1) + torch.log(total.squeeze(1)) - z_y).mean()
+        p.div_(total)
+        ctx.save_for_backward(sim, labels, slope, p)
+        ctx.scale, ctx.target = scale, target
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        sim, labels, slope, p = ctx.saved_tensors
+        scale, target = ctx.scale, ctx.target
+        if torch.is_grad_enabled():
+            (g,) = _differentiable_backward(lambda s: _reference_softmax_ce(s, labels, scale, target), (sim,), grad, (True,))
+            return g, None, None, None
+        c = grad * scale / sim.shape[0]
+        col = labels[:, None]
+        g = p * c
+        g_y = (p.gather(1, col) - 1) * c
+        if slope is not None:
+            g_y = g_y * slope[:, None]
+        return g.scatter_(1, col, g_y), None, None, None
+
+
+def softmax_cross_entropy(sim: torch.Tensor, labels: torch.Tensor, scale: float, target: Target = None) -> torch.Tensor:
+    """Mean ``cross_entropy(scale · logits, labels)``, ``logits = sim`` with the target column replaced by
+    ``target(sim[b, y_b])[0]`` (a margin; ``None`` = unchanged); ``target`` also returns its derivative.
+    Equals the plain autograd composition."""
+    return _SoftmaxCE.apply(sim, labels, float(scale), target)
 
 
 class ProxyLoss(nn.Module):
@@ -159,13 +308,44 @@ def fan_out_normal(rows: int, cols: int) -> torch.Tensor:
     return w
 
 
+def _reference_relaxed(sim: torch.Tensor, k: int, gamma: float) -> torch.Tensor:
+    s = sim.view(sim.shape[0], -1, k)
+    return (torch.softmax(s / gamma, dim=2) * s).sum(2)
+
+
+class _Relaxed(torch.autograd.Function):
+    """:func:`relaxed_class_similarity` with the hand-written backward
+    ``∂S_c/∂s_ck = w_ck (1 + (s_ck − S_c)/γ)``, ``w = softmax_k(s/γ)`` (one saved ``[B, C, K]`` buffer)."""
+
+    @staticmethod
+    def forward(ctx, sim: torch.Tensor, k: int, gamma: float) -> torch.Tensor:
+        s = sim.view(sim.shape[0], -1, k)
+        w = s / gamma
+        w.sub_(w.amax(2, keepdim=True)).exp_()
+        w.div_(w.sum(2, keepdim=True))
+        out = torch.linalg.vecdot(w, s)
+        ctx.save_for_backward(sim, w, out)
+        ctx.k, ctx.gamma = k, gamma
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        sim, w, out = ctx.saved_tensors
+        k, gamma = ctx.k, ctx.gamma
+        if torch.is_grad_enabled():
+            (g,) = _differentiable_backward(lambda t: _reference_relaxed(t, k, gamma), (sim,), grad, (True,))
+            return g, None, None
+        g = sim.view(w.shape) - out[..., None]
+        g.mul_(1 / gamma).add_(1).mul_(w).mul_(grad[..., None])
+        return g.view(sim.shape), None, None
+
+
 def relaxed_class_similarity(sim: torch.Tensor, k: int, gamma: float) -> torch.Tensor:
     """SoftTriple's relaxed similarity to each class from ``sim [B, C·K]`` (class-major):
     ``S_c = Σ_k softmax_k(s_ck / γ) · s_ck``, ``[B, C]``. γ → 0 gives ``max_k s_ck``; K = 1 gives ``s``."""
     if k == 1:
         return sim
-    s = sim.view(sim.shape[0], -1, k)
-    return (torch.softmax(s / gamma, dim=2) * s).sum(2)
+    return _Relaxed.apply(sim, k, float(gamma))
 
 
 def check_classes(num_classes: int, name: str) -> None:
@@ -223,8 +403,10 @@ class ProxyNCAPPLoss(ProxyLoss):
         self.proxies = nn.Parameter(torch.randn(num_classes, embedding_size) / 8)
 
     def compute(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = -(2 - 2 * self.cosine(x)) / self.temperature
-        return smoothed_cross_entropy(logits, labels, self.epsilon)
+        cos = self.cosine(x)  # logits −(2 − 2 cos)/T = 2 cos/T − 2/T; the constant cancels in the softmax
+        if self.epsilon == 0:
+            return softmax_cross_entropy(cos, labels, 2 / self.temperature)
+        return smoothed_cross_entropy(cos * (2 / self.temperature), labels, self.epsilon)
 
 
 @register("normalized_softmax")
@@ -246,7 +428,7 @@ class NormalizedSoftmaxLoss(ProxyLoss):
         nn.init.kaiming_uniform_(self.proxies, a=math.sqrt(5))
 
     def compute(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.cosine(x) / self.temperature, labels)
+        return softmax_cross_entropy(self.cosine(x), labels, 1 / self.temperature)
 
 
 class MarginSoftmaxLoss(ProxyLoss):
@@ -262,14 +444,12 @@ class MarginSoftmaxLoss(ProxyLoss):
         self.margin, self.scale = float(margin), float(scale)
         self.proxies = nn.Parameter(torch.randn(num_classes, embedding_size) * 0.01)
 
-    def target(self, cos: torch.Tensor) -> torch.Tensor:
+    def target(self, cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target logit (before the scale) from the target class's cosine, and its derivative."""
         raise NotImplementedError
 
     def compute(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cos = self.cosine(x)
-        idx = labels[:, None]
-        logits = cos.scatter(1, idx, self.target(cos.gather(1, idx)))
-        return F.cross_entropy(self.scale * logits, labels)
+        return softmax_cross_entropy(self.cosine(x), labels, self.scale, self.target)
 
 
 @register("arcface")
@@ -285,11 +465,14 @@ class ArcFaceLoss(MarginSoftmaxLoss):
     def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.5, scale: float = 64.0):
         super().__init__(num_classes, embedding_size, margin, scale)
 
-    def target(self, cos: torch.Tensor) -> torch.Tensor:
+    def target(self, cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.margin
-        sin = torch.sqrt(torch.clamp(1 - cos * cos, min=1e-7))
+        sin_sq = 1 - cos * cos
+        sin = torch.sqrt(torch.clamp(sin_sq, min=1e-7))
         shifted = cos * math.cos(m) - sin * math.sin(m)
-        return torch.where(cos > math.cos(math.pi - m), shifted, cos - m * math.sin(m))
+        slope = math.cos(m) + torch.where(sin_sq > 1e-7, cos / sin, 0.0) * math.sin(m)
+        inside = cos > math.cos(math.pi - m)
+        return torch.where(inside, shifted, cos - m * math.sin(m)), torch.where(inside, slope, 1.0)
 
 
 @register("cosface")
@@ -300,8 +483,8 @@ class CosFaceLoss(MarginSoftmaxLoss):
     def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.35, scale: float = 64.0):
         super().__init__(num_classes, embedding_size, margin, scale)
 
-    def target(self, cos: torch.Tensor) -> torch.Tensor:
-        return cos - self.margin
+    def target(self, cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return cos - self.margin, torch.ones_like(cos)
 
 
 @register("soft_triple")
@@ -339,6 +522,9 @@ class SoftTripleLoss(ProxyLoss):
         nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         self.proxies = nn.Parameter(w.T.contiguous())
 
+    def margin(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return s - self.delta, torch.ones_like(s)
+
     def regularizer(self) -> torch.Tensor:
         """R above, in float32 (float64 for a float64 module)."""
         k = self.proxies_per_class
@@ -350,8 +536,7 @@ class SoftTripleLoss(ProxyLoss):
 
     def compute(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         s = relaxed_class_similarity(self.cosine(x), self.proxies_per_class, self.gamma)
-        margin = F.one_hot(labels, self.num_classes).to(s.dtype) * self.delta
-        loss = F.cross_entropy(self.la * (s - margin), labels)
+        loss = softmax_cross_entropy(s, labels, self.la, self.margin)
         if self.tau > 0 and self.proxies_per_class > 1:
             loss = loss + self.tau * self.regularizer()
         return loss
