@@ -1,4 +1,4 @@
-"""The ``deepmetric`` command line: train, evaluate, benchmark, demo, list, config."""
+"""The ``deepmetric`` command line: train, evaluate, benchmark, tune, demo, list, config."""
 
 from __future__ import annotations
 
@@ -168,6 +168,31 @@ def benchmark(
         raise typer.Exit(130) from None
     out_console.print((out / "results.md").read_text(), highlight=False, markup=False)
     out_console.print(f"tables: {out / 'results.md'}, {out / 'results.csv'} (per run: {out / 'runs.csv'})")
+
+
+@app.command()
+@friendly
+def tune(
+    param: Annotated[list[str], typer.Option("--param", "-p", help="A key to search and its ordered candidates, e.g. "
+                     "--param loss.neg_weight=0.25,0.5,1,2,4 (repeatable: one coordinate each).")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    metric: Annotated[str, typer.Option(help="Validation metric to maximise.")] = "map@r",
+    max_cycles: Annotated[int, typer.Option(help="Most cycles over the coordinates.")] = 3,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the run folders and tune.csv / tune.md.")] = Path("runs/tune"),
+    progress: Annotated[bool, typer.Option(help="Show each run's progress bars.")] = False,
+) -> None:
+    """Coordinate-descent search of config keys (e.g. a contrastive loss's balance) by short training runs,
+    scored on held-out training classes; writes a table of every evaluation."""
+    from deepmetric.training.tune import parse_param, tune as run_tune
+
+    params = dict(parse_param(p) for p in param)
+    result = run_tune(config, params, set_ or [], out, metric=metric, max_cycles=max_cycles, progress=progress,
+                      echo=lambda line: out_console.print(line, highlight=False, markup=False))
+    out_console.print((out / "tune.md").read_text(), highlight=False, markup=False)
+    out_console.print(f"best: {result.search.best} (val {metric} {result.search.score:.4f}, "
+                      f"{result.search.evaluations} runs); tables: {out / 'tune.md'}, {out / 'tune.csv'}",
+                      highlight=False, markup=False)
 
 
 class Kind(str, Enum):

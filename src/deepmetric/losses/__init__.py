@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from deepmetric.errors import ConfigError
 from deepmetric.registry import Registry
 
 LOSSES: Registry[nn.Module] = Registry("loss")
@@ -27,4 +28,17 @@ def available() -> list[str]:
     return LOSSES.available()
 
 
+def build_with_context(spec: str | dict[str, Any], **context: Any) -> nn.Module:
+    """Construct a loss from ``spec`` (a registry key, or ``{"name": key, **keywords}``), adding each ``context``
+    keyword (e.g. ``num_classes``, ``embedding_size``) that its constructor takes and ``spec`` does not give.
+    Losses made of other losses (``hybrid``, ``ensemble``) build their members this way."""
+    kwargs = {"name": spec} if isinstance(spec, str) else dict(spec)
+    if "name" not in kwargs:
+        raise ConfigError(f"a member loss needs a name, e.g. {{name: multi_similarity}}; got {spec!r}")
+    name = kwargs.pop("name")
+    params = LOSSES.parameters(name)
+    return LOSSES.build(name, **{**{k: v for k, v in context.items() if k in params}, **kwargs})
+
+
 from deepmetric.losses import pair, probabilistic, proxy  # noqa: E402,F401  (registers the pair-, proxy- and probabilistic losses)
+from deepmetric.losses import bayesian, ensemble, hybrid  # noqa: E402,F401  (CBML; losses made of other losses)

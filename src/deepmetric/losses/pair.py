@@ -9,6 +9,8 @@ computed in float32.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,7 @@ from deepmetric.losses.base import (
     make_distance,
     make_pairs,
     masked_logsumexp,
+    prepare,
     reduce,
 )
 
@@ -114,7 +117,15 @@ class ContrastiveLoss(PairLoss):
 
     Margins default to (0, 1) on a distance (PML; L2-normalised Euclidean) and to (0.9, 0.6) on cosine
     (ROADMAP's calibration loss). Reductions: ``mean`` over all pairs; ``avg_nonzero`` = mean of the
-    non-zero ℓ⁺ + mean of the non-zero ℓ⁻ (PML's default); ``sum``. 0 without positive or negative pairs.
+    non-zero ℓ⁺ + mean of the non-zero ℓ⁻ (PML's default); ``sum``; ``mean_pos_neg`` = mean ℓ⁺ over the
+    positive pairs + mean ℓ⁻ over the negative pairs. 0 without positive or negative pairs.
+
+    **Balance** (Sors, Sampaio de Rezende, Ibrahimi & Andreoli 2021): the loss is ``L = L_pos + λ·L_neg``
+    (:meth:`terms`), the positive ("alignment") and negative ("entropy") parts, each aggregated by the
+    reduction; λ = ``neg_weight`` (1 = the usual loss) and the margins are the balance hyper-parameters
+    (``deepmetric tune`` searches them). Summing, or averaging all pairs together, shifts the effective
+    balance as the batch grows (#neg/#pos ∝ B); ``mean_pos_neg`` averages each part separately, which keeps
+    the optimal λ stable across batch sizes.
     """
 
     def __init__(
@@ -124,19 +135,34 @@ class ContrastiveLoss(PairLoss):
         power: int = 1,
         distance: str = "euclidean",
         normalize: bool = True,
-        reduction: Reduction = "mean",
+        reduction: Literal["mean", "avg_nonzero", "sum", "mean_pos_neg"] = "mean",
+        neg_weight: float = 1.0,
     ):
         super().__init__()
         if power not in (1, 2):
             raise ConfigError(f"power must be 1 or 2, got {power}")
+        if neg_weight < 0:
+            raise ConfigError(f"neg_weight (the balance λ) must be >= 0, got {neg_weight}")
         self.distance = make_distance(distance, normalize)
         sim = self.distance.is_similarity
         self.pos_margin = (0.9 if sim else 0.0) if pos_margin is None else float(pos_margin)
         self.neg_margin = (0.6 if sim else 1.0) if neg_margin is None else float(neg_margin)
         self.power = power
-        self.reduction = check_reduction(reduction)
+        self.reduction = reduction if reduction == "mean_pos_neg" else check_reduction(reduction)
+        self.neg_weight = float(neg_weight)
 
-    def compute(self, b: Batch, indices: Indices | None) -> torch.Tensor:
+    def terms(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices: Indices | None = None,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L_pos, L_neg)`` with ``loss = L_pos + neg_weight · L_neg`` (Sors et al. 2021's decomposition)."""
+        return self._terms(prepare(embeddings, labels, ref_embeddings, ref_labels), indices)
+
+    def _terms(self, b: Batch, indices: Indices | None) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.matrix(b)
         pairs = make_pairs(b, indices)
         mp = pairs.positives(m)
@@ -146,18 +172,24 @@ class ContrastiveLoss(PairLoss):
             lp, ln = torch.relu(mp - self.pos_margin), torch.relu(self.neg_margin - m)
         if self.power == 2:
             lp, ln = lp * lp, ln * ln
-        if self.reduction == "avg_nonzero":
-            out = reduce(lp, pairs.pos_w, "avg_nonzero") + reduce(ln, pairs.neg, "avg_nonzero")
-        else:
-            total = (lp * pairs.pos_w).sum() + (ln * pairs.neg).sum()
-            count = pairs.pos_w.sum() + pairs.neg.sum()
-            out = total if self.reduction == "sum" else total / count.clamp(min=1)
-        return out * pairs.present()
+        present = pairs.present()
+        if self.reduction in ("avg_nonzero", "mean_pos_neg"):
+            how = "avg_nonzero" if self.reduction == "avg_nonzero" else "mean"
+            return reduce(lp, pairs.pos_w, how) * present, reduce(ln, pairs.neg, how) * present
+        pos, neg = (lp * pairs.pos_w).sum(), (ln * pairs.neg).sum()
+        if self.reduction == "mean":
+            count = (pairs.pos_w.sum() + pairs.neg.sum()).clamp(min=1)
+            pos, neg = pos / count, neg / count
+        return pos * present, neg * present
+
+    def compute(self, b: Batch, indices: Indices | None) -> torch.Tensor:
+        pos, neg = self._terms(b, indices)
+        return pos + self.neg_weight * neg
 
     def extra_repr(self) -> str:
         return (
             f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, power={self.power}, "
-            f"distance={self.distance}, reduction={self.reduction!r}"
+            f"distance={self.distance}, reduction={self.reduction!r}, neg_weight={self.neg_weight}"
         )
 
 

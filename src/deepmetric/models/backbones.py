@@ -33,24 +33,28 @@ class SmallCNN(nn.Module):
     """A small CNN for 8x8 inputs: 3x3 conv blocks (BN, ReLU), a 2x2 max-pool, then pooling.
 
     ``pool="avg"``: a third block and global average pooling (``4 * width`` features);
-    ``pool="flatten"``: the ``2 * width x 4 x 4`` map flattened (keeps where the strokes are).
+    ``pool="flatten"``: the ``2 * width x 4 x 4`` map flattened (keeps where the strokes are);
+    ``pool="none"``: the third block's ``4 * width x 4 x 4`` map unpooled (``num_features`` = its channels),
+    for heads that pool themselves (``multi_head``).
     """
 
     def __init__(self, in_channels: int = 1, width: int = 32, pool: str = "avg", input_size: int = 8):
         super().__init__()
-        if pool not in ("avg", "flatten"):
-            raise ValueError(f"pool must be 'avg' or 'flatten', got {pool!r}")
+        if pool not in ("avg", "flatten", "none"):
+            raise ValueError(f"pool must be 'avg', 'flatten' or 'none', got {pool!r}")
 
         def block(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
         layers = [*block(in_channels, width), *block(width, 2 * width), nn.MaxPool2d(2)]
-        if pool == "avg":
-            layers += [*block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1)]
-            self.num_features = 4 * width
-        else:
+        if pool == "flatten":
             self.num_features = 2 * width * (input_size // 2) ** 2
-        self.features = nn.Sequential(*layers, nn.Flatten())
+            layers.append(nn.Flatten())
+        else:
+            layers += block(2 * width, 4 * width)
+            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()] if pool == "avg" else []
+            self.num_features = 4 * width
+        self.features = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

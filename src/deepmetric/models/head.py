@@ -1,4 +1,10 @@
-"""The embedding head and the full embedding model (backbone -> head)."""
+"""Embedding heads (registry ``HEADS``: ``linear``, ``multi_head``) and the full embedding model (backbone -> head).
+
+A head is built as ``HEADS.build(name, in_features=…, embedding_size=…, batch_norm=…, normalize=…, **head_kwargs)``
+(``model.head`` and ``model.head_kwargs`` in a config), maps backbone features to the embedding, returns
+``(raw, embedding)`` with ``return_raw=True``, and says how its output splits into per-head embeddings in
+``embedding_sizes`` (one entry for a single head); losses built on several heads (``hybrid``, ``ensemble``) read it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepmetric.registry import Registry
 
+HEADS: Registry[nn.Module] = Registry("head")
+
+
+@HEADS.register("linear")
 class EmbeddingHead(nn.Module):
     """``z = W f + b`` to ``embedding_size``, then optional BatchNorm1d and optional L2-normalisation."""
 
@@ -15,6 +26,10 @@ class EmbeddingHead(nn.Module):
         self.embedding_size, self.normalize = embedding_size, normalize
         self.linear = nn.Linear(in_features, embedding_size)
         self.bn = nn.BatchNorm1d(embedding_size) if batch_norm else nn.Identity()
+
+    @property
+    def embedding_sizes(self) -> tuple[int, ...]:
+        return (self.embedding_size,)
 
     def forward(self, features: torch.Tensor, return_raw: bool = False):
         """The embedding; with ``return_raw`` also the vector before L2-normalisation: ``(raw, embedding)``

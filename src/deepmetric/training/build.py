@@ -10,7 +10,7 @@ from torch import nn
 from deepmetric import data, miners, models
 from deepmetric.data.base import MetricDataset, Subset, class_folds, select_classes, split_classes
 from deepmetric.data.transforms import normalization_for
-from deepmetric.models import EmbeddingHead, EmbeddingModel
+from deepmetric.models import EmbeddingModel
 from deepmetric.training.config import RunConfig, check_components
 from deepmetric.training.hooks import Hook
 
@@ -61,7 +61,8 @@ def unaugmented(cfg: RunConfig, train: MetricDataset) -> MetricDataset:
 def build_model(cfg: RunConfig) -> EmbeddingModel:
     m = cfg.model
     backbone = models.build(m.backbone, pretrained=m.pretrained, pretrained_path=m.pretrained_path, **m.backbone_kwargs)
-    head = EmbeddingHead(backbone.num_features, m.embedding_size, batch_norm=m.batch_norm, normalize=m.normalize)
+    head = models.HEADS.build(m.head, in_features=backbone.num_features, embedding_size=m.embedding_size,
+                              batch_norm=m.batch_norm, normalize=m.normalize, **m.head_kwargs)
     return EmbeddingModel(backbone, head, freeze_bn=m.freeze_bn)
 
 

@@ -73,6 +73,9 @@ class ModelConfig(Section):
     pretrained: bool = False
     pretrained_path: str | None = None
     backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+    head: str = Field("linear", description="embedding head (deepmetric.models.HEADS): linear, or multi_head "
+                      "(global + part heads with non-local attention; needs an unpooled backbone map)")
+    head_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keywords for the head")
     embedding_size: int = Field(64, ge=1)
     batch_norm: bool = False
     normalize: bool = True
@@ -301,9 +304,10 @@ def dump(config: RunConfig) -> str:
 def check_components(config: RunConfig) -> None:
     """Check registry names and their extra keywords (objective terms, miner, augmenter, data set) without
     building anything heavy."""
-    from deepmetric import augment, data, miners
+    from deepmetric import augment, data, miners, models
     from deepmetric.training.objective import term_registry
 
+    models.HEADS.check_kwargs(config.model.head, config.model.head_kwargs)
     for term in config.terms():
         term_registry(term.name).check_kwargs(term.name, term.kwargs())
     if config.augment.name is not None:
