@@ -129,6 +129,43 @@ class ListwiseSelfDistillation(Regularizer):
         return f"alpha={self.alpha}, tau={self.tau}, beta={self.beta}"
 
 
+@register("proximal")
+class ProximalRegularizer(Regularizer):
+    """The proximal term of alternating projections with fixed representatives (Can, Gürbüz & Alatan, ICIP
+    2021) [recon]: ``½‖θ − θ̄‖²`` over the model's trainable parameters, where θ̄ is a copy of θ taken every
+    ``lifetime`` training steps — when the :class:`~deepmetric.samplers.FixedRepresentativeSampler` redraws
+    its representatives, so each lifetime solves a projection that stays close to where the previous one
+    ended. ``lifetime`` defaults to ``sampler.lifetime`` (filled in by the objective). The term's weight in
+    ``objective`` is λ (e.g. 2e-4, CCP-DML's value; the paper's is unknown). Unlike CCP's decoupled update
+    (:mod:`deepmetric.proxies`), this is a loss term, so it passes through the optimiser (Adam rescales it).
+    """
+
+    def __init__(self, model: nn.Module, lifetime: int | None = None):
+        super().__init__()
+        if lifetime is None or lifetime < 1:
+            raise ConfigError("proximal needs lifetime >= 1: use it with sampler.name=fixed_representatives "
+                              f"(whose lifetime it takes) or set lifetime; got {lifetime}")
+        self.lifetime = lifetime
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.anchor = nn.ParameterList(
+            [nn.Parameter(p.detach().clone(), requires_grad=False) for n, p in model.named_parameters() if p.requires_grad])
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        params = dict(step.model.named_parameters())
+        current = [params[n] for n in self.names]
+        if self.training:
+            if int(self.steps) % self.lifetime == 0:
+                with torch.no_grad():
+                    for a, p in zip(self.anchor, current):
+                        a.copy_(p)
+            self.steps += 1
+        return 0.5 * sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(current, self.anchor))
+
+    def extra_repr(self) -> str:
+        return f"lifetime={self.lifetime}"
+
+
 def build(name: str, **kwargs: Any) -> nn.Module:
     """Construct the regulariser registered as ``name``."""
     return REGULARIZERS.build(name, **kwargs)

@@ -63,7 +63,11 @@ class DataConfig(Section):
         return fold
 
 
-class SamplerConfig(Section):
+class SamplerConfig(Component):
+    """Batch sampler (``deepmetric.samplers``): ``m_per_class`` or ``fixed_representatives`` (extra keys are its
+    keywords, e.g. ``lifetime``, ``mining``)."""
+
+    name: str = "m_per_class"
     batch_size: int = Field(64, ge=2)
     m: int = Field(16, ge=1, description="samples per class in a batch")
 
@@ -302,12 +306,14 @@ def dump(config: RunConfig) -> str:
 
 
 def check_components(config: RunConfig) -> None:
-    """Check registry names and their extra keywords (objective terms, miner, augmenter, data set) without
-    building anything heavy."""
-    from deepmetric import augment, data, miners, models
+    """Check registry names and their extra keywords (objective terms, miner, augmenter, sampler, data set)
+    without building anything heavy."""
+    from deepmetric import augment, data, miners, models, samplers
     from deepmetric.training.objective import term_registry
 
+    samplers.SAMPLERS.check_kwargs(config.sampler.name, config.sampler.kwargs())
     models.HEADS.check_kwargs(config.model.head, config.model.head_kwargs)
+
     for term in config.terms():
         term_registry(term.name).check_kwargs(term.name, term.kwargs())
     if config.augment.name is not None:

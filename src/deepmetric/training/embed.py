@@ -17,8 +17,10 @@ def embed(
     device: torch.device | str = "cpu",
     num_workers: int = 0,
     amp: bool = False,
+    raw: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(embeddings [N, D] float32 on CPU, labels [N] int64)`` in data set order."""
+    """Return ``(embeddings [N, D] float32 on CPU, labels [N] int64)`` in data set order; with ``raw``, the
+    head output before L2-normalisation (``model(x, return_raw=True)[0]``)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -27,6 +29,7 @@ def embed(
     chunks = []
     for x, _ in loader:
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            chunks.append(model(x.to(device, non_blocking=True)).float().cpu())
+            x = x.to(device, non_blocking=True)
+            chunks.append((model(x, return_raw=True)[0] if raw else model(x)).float().cpu())
     model.train(was_training)
     return torch.cat(chunks), torch.as_tensor(dataset.labels, dtype=torch.long)

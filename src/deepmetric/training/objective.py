@@ -9,10 +9,16 @@
   ref_labels=…)``; a loss whose ``forward`` has a ``sample_ids`` parameter gets the batch's data-set
   indices (per-sample state, e.g. stochastic AUPRC). Proxy/classifier losses (``uses_references =
   False``) get neither mined indices nor the memory.
+* with a **pair rule** (``step.pairs``: synthetic rows of an augmenter that must not be anchors, or the
+  fixed representatives of the sampler; :mod:`deepmetric.pairing`), a pair-based loss is called as
+  ``loss(embeddings[anchors], labels[anchors], indices, ref_embeddings=embeddings[references],
+  ref_labels=labels[references])`` with the admissible pairs as ``indices``; with **synthetic classes**
+  (``step.classes``: Proxy Synthesis, generated novel classes) a proxy loss gets the mixed proxies of the new
+  classes (:func:`deepmetric.augment.proxy_loss_with_classes`).
 * a **regulariser** (registry ``deepmetric.regularizers``) is called as ``regularizer(step)``.
 
-Constructor parameters ``num_classes``, ``embedding_size``, ``num_samples`` and ``model`` are filled in
-from the run when a term's constructor has them.
+Constructor parameters ``num_classes``, ``embedding_size``, ``num_samples``, ``model`` and ``lifetime``
+(``sampler.lifetime``) are filled in from the run when a term's constructor has them.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import torch
 from torch import nn
 
 from deepmetric import losses, regularizers
+from deepmetric.augment import ClassMix, proxy_loss_with_classes
 from deepmetric.errors import ConfigError, UnknownNameError, suggest
+from deepmetric.pairing import PairRule
 from deepmetric.registry import Registry
 
 
@@ -37,7 +45,9 @@ class StepInputs:
     augmenter added; ``raw [B, D]`` is the head output before L2-normalisation and ``inputs`` the batch
     given to the model (real rows only); ``sample_ids [B]`` are the data-set indices of the real rows;
     ``indices`` the miner's tuples (or None); ``memory`` the cross-batch memory's ``(embeddings,
-    labels)`` when it is in use and non-empty; ``epoch`` is 1-based, of ``epochs``.
+    labels)`` when it is in use and non-empty; ``epoch`` is 1-based, of ``epochs``; ``pairs`` and ``classes``
+    say which rows pair up and which synthetic classes exist (see the module docstring), ``indices`` then
+    being over ``pairs``' anchors and references.
     """
 
     embeddings: torch.Tensor
@@ -51,6 +61,8 @@ class StepInputs:
     epochs: int
     indices: tuple[torch.Tensor, ...] | None = None
     memory: tuple[torch.Tensor, torch.Tensor] | None = None
+    pairs: PairRule | None = None
+    classes: ClassMix | None = None
 
 
 def term_registry(name: str) -> Registry:
@@ -100,12 +112,18 @@ class Objective(nn.Module):
     def _loss(self, name: str, loss: nn.Module, step: StepInputs) -> torch.Tensor:
         extra = {"sample_ids": step.sample_ids} if name in self._sample_ids else {}
         if not uses_references(loss):
+            if step.classes is not None:
+                return proxy_loss_with_classes(loss, step.embeddings, step.labels, step.classes)
             return loss(step.embeddings, step.labels, **extra)
-        value = loss(step.embeddings, step.labels, step.indices, **extra)
+        x, y, refs = step.embeddings, step.labels, {}
+        if step.pairs is not None:
+            anchors, references = step.pairs.rows(y.shape[0], y.device)
+            x, y = x[anchors], y[anchors]
+            refs = {"ref_embeddings": step.embeddings[references], "ref_labels": step.labels[references]}
+        value = loss(x, y, step.indices, **refs, **extra)
         if step.memory is not None:
             mem_x, mem_y = step.memory
-            value = value + self.memory_weight * loss(step.embeddings, step.labels,
-                                                      ref_embeddings=mem_x, ref_labels=mem_y)
+            value = value + self.memory_weight * loss(x, y, ref_embeddings=mem_x, ref_labels=mem_y)
         return value
 
     def forward(self, step: StepInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -129,7 +147,7 @@ def build_objective(config: Any, *, num_classes: int, num_samples: int, model: n
     """The :class:`Objective` of a :class:`~deepmetric.training.config.RunConfig` (its ``objective`` list,
     or its single ``loss``), checked against the rest of the run (miner, memory, augmenter)."""
     filled = {"num_classes": num_classes, "embedding_size": config.model.embedding_size,
-              "num_samples": num_samples, "model": model}
+              "num_samples": num_samples, "model": model, "lifetime": config.sampler.kwargs().get("lifetime")}
     terms, weights = {}, {}
     for term in config.terms():
         registry = term_registry(term.name)
@@ -149,4 +167,7 @@ def build_objective(config: Any, *, num_classes: int, num_samples: int, model: n
     if config.augment.name is not None and objective._sample_ids:
         raise ConfigError(f"{sorted(objective._sample_ids)} keep per-sample state and cannot take the "
                           "synthetic rows of an augmenter; set augment.name=null")
+    if config.sampler.name != "m_per_class" and objective._sample_ids:
+        raise ConfigError(f"{sorted(objective._sample_ids)} keep per-sample state and need every row as an anchor; "
+                          f"sampler.name={config.sampler.name} compares samples with representatives only")
     return objective

@@ -22,9 +22,10 @@ def relative_lr_multipliers(loss: nn.Module) -> dict[str, float]:
     return out
 
 
-def param_groups(model: nn.Module, loss: nn.Module, cfg: OptimizerConfig) -> list[dict]:
+def param_groups(model: nn.Module, loss: nn.Module, cfg: OptimizerConfig, augmenter: nn.Module | None = None) -> list[dict]:
     """Backbone, head and loss parameters (proxies, learnable margins) each get their own group and LR;
-    a loss parameter with a declared relative multiplier gets a group ``loss:<name>`` of its own."""
+    a loss parameter with a declared relative multiplier gets a group ``loss:<name>`` of its own; the
+    parameters of an embedding augmenter (a generator) get the group ``augmenter`` with its ``lr_mult``."""
     groups = []
     relative = relative_lr_multipliers(loss)
     loss_params = [(n, p) for n, p in loss.named_parameters() if p.requires_grad]
@@ -33,14 +34,17 @@ def param_groups(model: nn.Module, loss: nn.Module, cfg: OptimizerConfig) -> lis
         ("head", [p for p in model.head.parameters() if p.requires_grad], cfg.head_lr_mult),
         ("loss", [p for n, p in loss_params if n not in relative], cfg.loss_lr_mult),
     ] + [(f"loss:{n}", [p], cfg.loss_lr_mult * relative[n]) for n, p in loss_params if n in relative]
+    if augmenter is not None:
+        sections.append(("augmenter", [p for p in augmenter.parameters() if p.requires_grad], augmenter.lr_mult))
     for name, params, mult in sections:
         if params and mult > 0:
             groups.append({"name": name, "params": params, "lr": cfg.lr * mult})
     return groups
 
 
-def build_optimizer(model: nn.Module, loss: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, loss, cfg)
+def build_optimizer(model: nn.Module, loss: nn.Module, cfg: OptimizerConfig,
+                    augmenter: nn.Module | None = None) -> torch.optim.Optimizer:
+    groups = param_groups(model, loss, cfg, augmenter)
     wd, eps = cfg.weight_decay, cfg.eps
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=wd, eps=eps)

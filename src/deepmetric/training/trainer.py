@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from deepmetric import augment, evaluation
+from deepmetric import augment, evaluation, samplers
 from deepmetric.errors import ConfigError, TrainingDivergedError
 from deepmetric.memory import CrossBatchMemory
-from deepmetric.samplers import MPerClassSampler
+from deepmetric.pairing import pair_indices
 from deepmetric.training import checkpoint, runfolder
 from deepmetric.training.build import build_hooks, build_miner, build_model, build_splits, check_components, resolve_device
 from deepmetric.training.config import RunConfig, dump
@@ -86,7 +86,7 @@ class Trainer:
         # losses index proxies by label: map the training classes to 0..C-1
         self.label_map = torch.full((int(classes.max()) + 1,), -1, dtype=torch.long)
         self.label_map[classes] = torch.arange(classes.numel())
-        self.sampler = MPerClassSampler(train_labels.numpy(), config.sampler.m, config.sampler.batch_size, config.seed)
+        self.sampler = samplers.from_config(config, train_labels.numpy())
         self.loader = DataLoader(
             _Indexed(self.splits.train), batch_sampler=self.sampler, num_workers=config.data.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=config.data.num_workers > 0,
@@ -97,11 +97,12 @@ class Trainer:
         self.objective = build_objective(config, num_classes=classes.numel(), num_samples=len(self.splits.train),
                                          model=self.model).to(self.device)
         self.miner = build_miner(config)
-        self.augmenter = (augment.build(config.augment.name, **config.augment.kwargs()).to(self.device)
-                          if config.augment.name else None)
+        self.augmenter = augment.from_config(config, num_classes=classes.numel())
+        if self.augmenter is not None:
+            self.augmenter.to(self.device)
         self.memory = (CrossBatchMemory(config.memory.size, config.model.embedding_size).to(self.device)
                        if config.memory.size else None)
-        self.optimizer = build_optimizer(self.model, self.objective, config.optimizer)
+        self.optimizer = build_optimizer(self.model, self.objective, config.optimizer, self.augmenter)
         total = config.train.epochs * self.iters_per_epoch
         self.scheduler = build_scheduler(self.optimizer, total, self.iters_per_epoch, config.schedule)
         self.use_amp = config.train.amp and self.device.type == "cuda"
@@ -151,6 +152,7 @@ class Trainer:
             "best": self.best,
             "hooks": [h.state_dict() for h in self.hooks],
             "memory": self.memory.state_dict() if self.memory is not None else None,
+            "sampler": self.sampler.state_dict(),
         }
 
     def _load(self, path: Path) -> None:
@@ -166,6 +168,7 @@ class Trainer:
             hook.load_state_dict(hook_state)
         if self.memory is not None:
             self.memory.load_state_dict(state["memory"])
+        self.sampler.load_state_dict(state.get("sampler") or {})
         self.epoch, self.best = state["epoch"], state["best"]
         checkpoint.set_rng_state(state["rng"])
 
@@ -196,14 +199,16 @@ class Trainer:
         if not bool(torch.isfinite(emb).all()):
             return torch.tensor(float("nan")), {}
         real_emb, real_y = emb, y
+        self.sampler.observe(ids, emb)
         synthetic = torch.zeros(emb.shape[0], dtype=torch.bool, device=emb.device)
+        pairs, classes = self.sampler.pair_rule(emb.shape[0], emb.device), None
         if self.augmenter is not None:
-            emb, y, synthetic = self.augmenter(emb, y)
+            emb, y, synthetic, pairs, classes = self.augmenter(emb, y, raw=raw)
         use_memory = self.memory is not None and epoch >= self.config.memory.start_epoch
         step = StepInputs(
             embeddings=emb, labels=y, raw=raw, inputs=x, sample_ids=ids, is_synthetic=synthetic,
             model=self.model, epoch=epoch, epochs=self.config.train.epochs,
-            indices=self.miner(emb, y) if self.miner is not None else None,
+            indices=pair_indices(self.miner, emb, y, pairs), pairs=pairs, classes=classes,
             memory=self.memory.get() if use_memory and len(self.memory) else None,
         )
         loss, values = self.objective(step)
@@ -280,6 +285,8 @@ class Trainer:
             runfolder.append_record(self.out, {"epoch": 0, **{f"{s}/{k}": v for s, m in results.items() for k, v in m.items()}})
         for hook in self.hooks:
             hook.on_train_start(self)
+        if self.augmenter is not None:
+            self.augmenter.on_train_start(self)
         for epoch in range(self.epoch + 1, cfg.epochs + 1):
             for hook in self.hooks:
                 hook.on_epoch_start(self, epoch)
@@ -292,6 +299,8 @@ class Trainer:
                 self._select(epoch, results)
             self.epoch = epoch
             self.objective.on_epoch_end(self.model, epoch)
+            if self.augmenter is not None:
+                self.augmenter.on_epoch_end(self, epoch)
             for hook in self.hooks:
                 hook.on_epoch_end(self, epoch, record)
             runfolder.append_record(self.out, record)
