@@ -186,7 +186,7 @@ def test_monte_carlo_expected_likelihood_matches_the_closed_form_ppk():
 def test_registered_with_shapes_and_defaults():
     assert "nivmf" in losses.available()
     loss = losses.build("nivmf", num_classes=C, embedding_size=D)
-    assert loss.distance == "el_nivmf" and loss.num_samples == 5 and loss.guidance == 0
+    assert loss.distance == "el_nivmf" and loss.mc_samples == 5 and loss.guidance == 0
     assert loss.proxies.shape == (C, D) and loss.kappa.shape == (C, D)
     assert loss.temperature.item() == pytest.approx(0.003) and loss.temperature.requires_grad
     assert torch.all(loss.kappa == 6.0)
@@ -230,7 +230,7 @@ def test_large_image_concentration_reduces_to_the_deterministic_normalised_softm
     """κ_i → ∞ (huge embedding norms) and isotropic proxies κ_c = k: EL-nivMF → CE(k·cos/T) = normalised
     softmax with temperature T/k, the deterministic counterpart (ProxyNCA++ form)."""
     k, t = 4.0, 0.5
-    loss = build("el_nivmf", temperature=t, concentration=k, learn_temperature=False, num_samples=3).double()
+    loss = build("el_nivmf", temperature=t, concentration=k, learn_temperature=False, mc_samples=3).double()
     x, y = batch(dtype=torch.float64)
     ns = losses.build("normalized_softmax", num_classes=C, embedding_size=D, temperature=t / k).double()
     with torch.no_grad():
@@ -305,8 +305,8 @@ def test_errors():
     with pytest.raises(ConfigError, match="128 or 512"):
         build(variant="official")
     assert build(variant="official", embedding_size=128).variant == "official"
-    with pytest.raises(ConfigError, match="num_samples"):
-        build(num_samples=0)
+    with pytest.raises(ConfigError, match="mc_samples"):
+        build(mc_samples=0)
     with pytest.raises(ConfigError, match="temperature"):
         build(temperature=0.0)
     with pytest.raises(LabelError, match="labels must lie in"):
@@ -324,6 +324,7 @@ def test_trains_from_the_config_with_unnormalised_embeddings(tmp_path, fast_over
                                      "optimizer.loss_lr_mult=100"])
     trainer = Trainer(c, tmp_path / "run", progress=False)
     summary = trainer.fit()
+    assert trainer.objective.terms["nivmf"].mc_samples == 5  # not the data-set size
     lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
     assert lrs["loss:terms.nivmf.kappa"] == pytest.approx(4 * lrs["loss"])
     assert lrs["loss:terms.nivmf.temperature"] == pytest.approx(0.04 * lrs["loss"])

@@ -23,7 +23,7 @@ Distances (score s(i, c), divided by the temperature T; the loss is ``cross_entr
 positive included as in ProxyNCA++):
 
 * ``el_nivmf`` (default, the paper's proposal): expected likelihood ``log E_{z~vMF_i} f_c(z)``, by Monte Carlo
-  with ``num_samples`` reparameterised samples folded as the official code does:
+  with ``mc_samples`` reparameterised samples folded as the official code does:
   ``s = LSE_s(log f_c(z_s)/T) − log S``.
 * ``nivmf``: image as a point, ``log f_c(x̂_i)/T``.
 * ``el_vmf`` / ``b_vmf``: probability product kernel of order ρ = 1 / ½ between vMF_i and an isotropic
@@ -202,7 +202,7 @@ class NonIsotropicVMFLoss(ProxyLoss):
     (D = 128 or 512 only).
     """
 
-    hyper_parameters = ("distance", "temperature_init", "concentration", "num_samples", "guidance", "variant")
+    hyper_parameters = ("distance", "temperature_init", "concentration", "mc_samples", "guidance", "variant")
 
     def __init__(
         self,
@@ -212,7 +212,7 @@ class NonIsotropicVMFLoss(ProxyLoss):
         temperature: float = 0.003,
         learn_temperature: bool = True,
         concentration: float = 6.0,
-        num_samples: int = 5,
+        mc_samples: int = 5,
         guidance: float = 0.0,
         kappa_min: float = 0.1,
         variant: str = "exact",
@@ -232,13 +232,14 @@ class NonIsotropicVMFLoss(ProxyLoss):
         for name, value in (("temperature", temperature), ("concentration", concentration), ("kappa_min", kappa_min)):
             if not value > 0:
                 raise ConfigError(f"{name} must be > 0, got {value}")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
+        # (not `num_samples`: the trainer fills a constructor's `num_samples` with the data-set size)
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ConfigError(f"mc_samples must be a positive integer, got {mc_samples!r}")
         if guidance < 0 or kappa_lr_mult < 0 or temperature_lr_mult < 0:
             raise ConfigError("guidance and the learning-rate multipliers must be >= 0")
         self.distance, self.variant = distance, variant
         self.temperature_init, self.concentration = float(temperature), float(concentration)
-        self.num_samples, self.guidance, self.kappa_min = num_samples, float(guidance), float(kappa_min)
+        self.mc_samples, self.guidance, self.kappa_min = mc_samples, float(guidance), float(kappa_min)
         self.kappa_lr_mult, self.temperature_lr_mult = float(kappa_lr_mult), float(temperature_lr_mult)
         proxies = torch.empty(num_classes, embedding_size)
         nn.init.xavier_normal_(proxies, gain=concentration)
@@ -263,11 +264,11 @@ class NonIsotropicVMFLoss(ProxyLoss):
         if self.distance == "nivmf":
             return nivmf_log_density(mu_i, mu_c, kappa_c, self.variant) / t
         if self.distance == "el_nivmf":
-            z = sample_vmf(mu_i, norm, self.num_samples)  # [S, B, D]
+            z = sample_vmf(mu_i, norm, self.mc_samples)  # [S, B, D]
             log_f = nivmf_log_density(z.reshape(-1, dim), mu_c, kappa_c, self.variant,
                                       project=self.variant == "exact")
-            log_f = log_f.view(self.num_samples, x.shape[0], -1) / t
-            return torch.logsumexp(log_f, dim=0) - math.log(self.num_samples)
+            log_f = log_f.view(self.mc_samples, x.shape[0], -1) / t
+            return torch.logsumexp(log_f, dim=0) - math.log(self.mc_samples)
         k_c = kappa_c.squeeze(1)
         cos = mu_i @ mu_c.T
         log_c_i = log_vmf_normalizer(norm, dim, self.variant)[:, None]
