@@ -25,8 +25,10 @@ C, D = 5, 8
 
 
 def build(distance: str = "el_nivmf", num_classes: int = C, embedding_size: int = D, **kw) -> torch.nn.Module:
+    """The loss without the Proxy-Anchor guidance term unless ``guidance`` is given."""
     torch.manual_seed(0)
-    return losses.build("nivmf", num_classes=num_classes, embedding_size=embedding_size, distance=distance, **kw)
+    return losses.build("nivmf", num_classes=num_classes, embedding_size=embedding_size, distance=distance,
+                        **{"guidance": 0.0, **kw})
 
 
 def batch(n: int = 12, seed: int = 1, dtype=torch.float32, scale: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +188,7 @@ def test_monte_carlo_expected_likelihood_matches_the_closed_form_ppk():
 def test_registered_with_shapes_and_defaults():
     assert "nivmf" in losses.available()
     loss = losses.build("nivmf", num_classes=C, embedding_size=D)
-    assert loss.distance == "el_nivmf" and loss.mc_samples == 5 and loss.guidance == 0
+    assert loss.distance == "el_nivmf" and loss.mc_samples == 5 and loss.guidance == 3.0
     assert loss.proxies.shape == (C, D) and loss.kappa.shape == (C, D)
     assert loss.temperature.item() == pytest.approx(0.003) and loss.temperature.requires_grad
     assert torch.all(loss.kappa == 6.0)
@@ -320,8 +322,7 @@ def test_errors():
 def test_trains_from_the_config_with_unnormalised_embeddings(tmp_path, fast_overrides):
     from deepmetric.training import Trainer, load
 
-    c = load(None, fast_overrides + ["loss.name=nivmf", "model.normalize=false", "loss.guidance=1.0",
-                                     "optimizer.loss_lr_mult=100"])
+    c = load(None, fast_overrides + ["loss.name=nivmf", "model.normalize=false", "optimizer.loss_lr_mult=167"])
     trainer = Trainer(c, tmp_path / "run", progress=False)
     summary = trainer.fit()
     assert trainer.objective.terms["nivmf"].mc_samples == 5  # not the data-set size
