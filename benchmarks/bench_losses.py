@@ -1,10 +1,12 @@
-"""Pair-based (+ miners) and proxy losses: deepmetric vs pytorch-metric-learning (PML), side by side in one run.
+"""Pair-based (+ miners), proxy and ranking losses: deepmetric vs pytorch-metric-learning (PML), side by side in one run.
 
 Each case is one forward+backward step ``[miner(x, y) ->] loss(x, y[, tuples]).backward()`` on
 ``randn(B, D)`` leaf embeddings with labels in contiguous blocks of 4 (as an m-per-class sampler yields
 them), for B in {128, 512, 2048} and D in {128, 512}. Proxy losses (the ``"classes"`` cases; their
 proxies get gradients too) run for B in {128, 512}, D in {128, 512} and C in {100, 11318} classes
-(CUB-like and SOP-like proxy counts; labels taken modulo C). Both libraries are configured to the same
+(CUB-like and SOP-like proxy counts; labels taken modulo C). Ranking losses (``"family": "ranking"``:
+FastAP, Smooth-AP with the query kept in its retrieval set as PML and the official code do) use the pair
+grid. Both libraries are configured to the same
 definition (PML defaults where PML has them). Every case runs in fresh subprocesses with 2 threads
 (``OMP_NUM_THREADS=2``, ``torch.set_num_threads(2)``) and an address-space cap (``RLIMIT_AS``, 20 GiB),
 so a blow-up is an allocation error, not the OOM killer:
@@ -28,7 +30,8 @@ Usage::
     python benchmarks/bench_losses.py --device cuda --out benchmarks/results/bench_losses_cuda.json
 
 Prints a table (ms, ratio = PML / ours, memory) and merges the rows into
-benchmarks/results/bench_losses.json (rows of cases not run are kept; summaries per family, pair / proxy).
+benchmarks/results/bench_losses.json (rows of cases not run are kept; summaries per family, pair / proxy /
+ranking).
 """
 
 from __future__ import annotations
@@ -120,13 +123,20 @@ CASES: dict[str, dict] = {
         "ours": (None, {}, "cosface", {}),
         "pml": (None, "losses.CosFaceLoss({C}, {D}, margin=0.35, scale=64)"),
     },
+    # ranking losses (PML has no ROADMAP or stochastic AUPRC)
+    "fast_ap": {"family": "ranking", "ours": (None, {}, "fast_ap", {}), "pml": (None, "losses.FastAPLoss()")},
+    "smooth_ap": {  # PML's SmoothAPLoss keeps the query in its retrieval set (include_query) and is O(B³)
+        "family": "ranking",
+        "ours": (None, {}, "smooth_ap", {"include_query": True}),
+        "pml": (None, "losses.SmoothAPLoss(temperature=0.01)"),
+    },
 }
 PROXY_CLASSES = (100, 11318)
 AS_LIMIT = 20 * 2**30
 
 
 def family(case: str) -> str:
-    return "proxy" if CASES[case].get("classes") else "pair"
+    return CASES[case].get("family") or ("proxy" if CASES[case].get("classes") else "pair")
 
 
 def _build(lib: str, case: str, device: str, dim: int, classes: int):

@@ -40,5 +40,5 @@ def build_with_context(spec: str | dict[str, Any], **context: Any) -> nn.Module:
     return LOSSES.build(name, **{**{k: v for k, v in context.items() if k in params}, **kwargs})
 
 
-from deepmetric.losses import pair, probabilistic, proxy  # noqa: E402,F401  (registers the pair-, proxy- and probabilistic losses)
+from deepmetric.losses import pair, probabilistic, proxy, ranking  # noqa: E402,F401  (registers the pair-, proxy-, probabilistic and ranking losses)
 from deepmetric.losses import bayesian, ensemble, hybrid  # noqa: E402,F401  (CBML; losses made of other losses)
