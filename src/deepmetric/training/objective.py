@@ -102,15 +102,14 @@ class Objective(nn.Module):
         self.terms = nn.ModuleDict(terms)
         self.weights = dict(weights)
         self.memory_weight = memory_weight
-        self._sample_ids = {n for n, t in terms.items() if not isinstance(t, regularizers.Regularizer)
-                            and _accepts(t.forward, "sample_ids")}
+        self.sample_id_terms = {n for n, t in self.losses().items() if _accepts(t.forward, "sample_ids")}
 
     def losses(self) -> dict[str, nn.Module]:
         """The loss terms (not the regularisers)."""
         return {n: t for n, t in self.terms.items() if not isinstance(t, regularizers.Regularizer)}
 
     def _loss(self, name: str, loss: nn.Module, step: StepInputs) -> torch.Tensor:
-        extra = {"sample_ids": step.sample_ids} if name in self._sample_ids else {}
+        extra = {"sample_ids": step.sample_ids} if name in self.sample_id_terms else {}
         if not uses_references(loss):
             if step.classes is not None:
                 return proxy_loss_with_classes(loss, step.embeddings, step.labels, step.classes)
@@ -164,10 +163,10 @@ def build_objective(config: Any, *, num_classes: int, num_samples: int, model: n
         if used and not by_refs:
             raise ConfigError(f"{what} is set but no loss of the objective uses mined pairs or a memory "
                               f"(proxy/classifier losses compare with proxies); unset {what}")
-    if config.augment.name is not None and objective._sample_ids:
-        raise ConfigError(f"{sorted(objective._sample_ids)} keep per-sample state and cannot take the "
+    if config.augment.name is not None and objective.sample_id_terms:
+        raise ConfigError(f"{sorted(objective.sample_id_terms)} keep per-sample state and cannot take the "
                           "synthetic rows of an augmenter; set augment.name=null")
-    if config.sampler.name != "m_per_class" and objective._sample_ids:
-        raise ConfigError(f"{sorted(objective._sample_ids)} keep per-sample state and need every row as an anchor; "
+    if config.sampler.name != "m_per_class" and objective.sample_id_terms:
+        raise ConfigError(f"{sorted(objective.sample_id_terms)} keep per-sample state and need every row as an anchor; "
                           f"sampler.name={config.sampler.name} compares samples with representatives only")
     return objective
