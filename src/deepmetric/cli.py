@@ -1,4 +1,4 @@
-"""The ``deepmetric`` command line: train, evaluate, benchmark, tune, demo, list, config."""
+"""The ``deepmetric`` command line: train, evaluate, benchmark, tune, demo, transfer, ood, list, config."""
 
 from __future__ import annotations
 
@@ -253,6 +253,60 @@ def demo(
     out_console.print(metrics_table(rows, "digits: unseen classes 5-9, leave-one-out retrieval"))
     out_console.print(selection_text(summary["selected"]))
     out_console.print(f"report: {out / 'report' / 'report.html'}")
+
+
+def _echo(line: str) -> None:
+    out_console.print(line, highlight=False, markup=False)
+
+
+@app.command()
+@friendly
+def transfer(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Transfer YAML (default: digits, "
+                                                   "source classes 0-4, target classes 5-9).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key, e.g. --set episodes=5 "
+                                                      "or --set source.train.epochs=5 (repeatable).")] = None,
+    k: Annotated[Optional[list[int]], typer.Option("--k", help="Shots per target class (repeatable; default 1 5 10 50).")] = None,
+    n: Annotated[Optional[list[int]], typer.Option("--n", help="Ways: target classes per episode (repeatable; default 5).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the source runs, tables and plot.")] = Path("runs/transfer"),
+    overwrite: Annotated[bool, typer.Option(help="Retrain the source runs even if finished runs are there.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the source runs' progress bars.")] = False,
+) -> None:
+    """k-shot transfer (Scott et al. 2018): weight transfer, DML embedding, prototypical network and adapted
+    embeddings vs k; writes results.csv/.md and error_vs_k.png."""
+    from deepmetric.fewshot.config import TransferConfig
+    from deepmetric.fewshot.transfer import run_transfer
+    from deepmetric.training import config as cfgmod
+
+    overrides = [*(set_ or []), *([f"ks={list(k)}"] if k else []), *([f"ns={list(n)}"] if n else [])]
+    cfg = cfgmod.load(config, overrides, root=TransferConfig)
+    run_transfer(cfg, out, overwrite=overwrite, progress=progress, echo=_echo)
+    _echo((out / "results.md").read_text())
+    _echo(f"tables: {out / 'results.md'}, {out / 'results.csv'}; plot: {out / 'error_vs_k.png'}")
+
+
+@app.command()
+@friendly
+def ood(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="ooDML YAML (default: digits).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key, e.g. --set generate.keep=4 "
+                                                      "or --set source.train.epochs=5 (repeatable).")] = None,
+    splits: Annotated[Optional[Path], typer.Option(help="Split file: published ooDML .pkl or generated .json "
+                                                   "(default: generate from class-mean features).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the splits, runs, tables and plot.")] = Path("runs/ood"),
+    overwrite: Annotated[bool, typer.Option(help="Retrain every split even if finished runs are there.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the runs' progress bars.")] = False,
+) -> None:
+    """ooDML (Milbich et al. 2021): train/evaluate on class splits of increasing shift (FID), with few-shot
+    adaptation; writes splits.json, results.csv/.md and ood.png."""
+    from deepmetric.fewshot.config import OODConfig
+    from deepmetric.fewshot.ood import run_ood
+    from deepmetric.training import config as cfgmod
+
+    cfg = cfgmod.load(config, [*(set_ or []), *([f"splits={splits}"] if splits else [])], root=OODConfig)
+    run_ood(cfg, out, overwrite=overwrite, progress=progress, echo=_echo)
+    _echo((out / "results.md").read_text())
+    _echo(f"tables: {out / 'results.md'}, {out / 'results.csv'}; plot: {out / 'ood.png'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,6 +25,6 @@ def available() -> list[str]:
     return DATASETS.available()
 
 
-from deepmetric.data import benchmarks, digits, features, folder  # noqa: E402,F401  (register data sets)
+from deepmetric.data import benchmarks, digits, features, folder, oodml  # noqa: E402,F401  (register data sets)
 
 __all__ = ["MetricDataset", "Subset", "split_classes", "build", "available", "register", "DATASETS"]

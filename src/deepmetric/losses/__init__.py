@@ -41,4 +41,5 @@ def build_with_context(spec: str | dict[str, Any], **context: Any) -> nn.Module:
 
 
 from deepmetric.losses import pair, probabilistic, proxy, ranking  # noqa: E402,F401  (registers the pair-, proxy-, probabilistic and ranking losses)
+from deepmetric.losses import prototypical  # noqa: E402,F401  (prototypical networks, episodic; see deepmetric.fewshot)
 from deepmetric.losses import bayesian, ensemble, hybrid  # noqa: E402,F401  (CBML; losses made of other losses)

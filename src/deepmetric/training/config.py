@@ -221,8 +221,8 @@ def _field_names(model: type[BaseModel]) -> list[str]:
     return list(model.model_fields)
 
 
-def _section_for(loc: tuple) -> type[BaseModel]:
-    model: type[BaseModel] = RunConfig
+def _section_for(loc: tuple, root: type[BaseModel] | None = None) -> type[BaseModel]:
+    model: type[BaseModel] = root or RunConfig
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None)
@@ -233,13 +233,14 @@ def _section_for(loc: tuple) -> type[BaseModel]:
     return model
 
 
-def _format_error(err: ValidationError) -> str:
+def _format_error(err: ValidationError, root: type[BaseModel] | None = None) -> str:
+    """Readable lines for a validation error of ``root`` (default :class:`RunConfig`)."""
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
-            valid = _field_names(_section_for(loc))
+            valid = _field_names(_section_for(loc, root))
             lines.append(f"unknown key '{key}'.{suggest(str(loc[-1]), valid)} Valid keys here: {', '.join(valid)}")
         elif not loc:
             lines.append(e["msg"].removeprefix("Value error, "))
@@ -248,14 +249,16 @@ def _format_error(err: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def validate(raw: dict[str, Any]) -> RunConfig:
-    """Validate a plain dict into a :class:`RunConfig`, raising :class:`ConfigError` with readable messages."""
+def validate(raw: dict[str, Any], root: type[BaseModel] | None = None) -> Any:
+    """Validate a plain dict into a :class:`RunConfig` (or the schema ``root``, e.g. a protocol's config),
+    raising :class:`ConfigError` with readable messages."""
     if not isinstance(raw, dict):
         raise ConfigError(f"a configuration must be a mapping of sections, got {type(raw).__name__}")
+    model = root or RunConfig
     try:
-        return RunConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(err)) from None
+        raise ConfigError(_format_error(err, model)) from None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -286,8 +289,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML file (or start from the defaults when ``path`` is None), apply overrides, validate."""
+def load(path: str | Path | None = None, overrides: list[str] | None = None,
+         root: type[BaseModel] | None = None) -> Any:
+    """Read a YAML file (or start from the defaults when ``path`` is None), apply overrides, validate
+    (as a :class:`RunConfig`, or as ``root``)."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -297,7 +302,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p} is not valid YAML: {exc}") from None
-    return validate(apply_overrides(raw, overrides or []))
+    return validate(apply_overrides(raw, overrides or []), root)
 
 
 def dump(config: RunConfig) -> str:
