@@ -64,3 +64,38 @@ def test_neg_weight_must_be_nonnegative():
         losses.build("contrastive", neg_weight=-1)
     with pytest.raises(ConfigError, match="reduction"):
         losses.build("contrastive", reduction="median")
+
+
+def test_infonce_decomposition_by_hand():
+    # a = (1, 0), p = (cos t, sin t) share class 0; n = (0, 1) is class 1. Ordered positive pairs (a, p), (p, a).
+    t, tau = 0.7, 0.25
+    c, s = math.cos(t), math.sin(t)
+    x = torch.tensor([[1.0, 0.0], [c, s], [0.0, 1.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1])
+    loss = losses.build("ntxent", temperature=tau)
+    pos, ent = loss.terms(x, y)
+    assert pos.item() == pytest.approx(-c)
+    lse_a, lse_p = math.log(math.exp(c / tau) + 1.0), math.log(math.exp(c / tau) + math.exp(s / tau))
+    assert ent.item() == pytest.approx((lse_a + lse_p) / 2)
+    assert loss(x, y).item() == pytest.approx(-c / tau + (lse_a + lse_p) / 2)
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.1, 1.0])
+def test_infonce_identity_and_temperature_weights_the_entropy_term(tau):
+    x, y = batch(3)
+    loss = losses.build("ntxent", temperature=tau)
+    pos, ent = loss.terms(x, y)
+    # τ·L = L_pos + τ·L_ent: the temperature is the balance, the alignment term does not depend on it
+    assert (tau * loss(x, y)).item() == pytest.approx(pos.item() + tau * ent.item(), rel=1e-10)
+    assert pos.item() == pytest.approx(losses.build("ntxent", temperature=0.5).terms(x, y)[0].item())
+    x = x.clone().requires_grad_()
+    sum(loss.terms(x, y)).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_infonce_terms_without_negatives_are_zero_and_backpropagate():
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    pos, ent = losses.build("ntxent").terms(x, torch.zeros(4, dtype=torch.long))
+    assert pos.item() == 0 and ent.item() == 0
+    (pos + ent).backward()
+    assert torch.isfinite(x.grad).all()

@@ -477,6 +477,10 @@ class NTXentLoss(PairLoss):
 
     mean over positive pairs. τ = 0.1 (SimCLR's ImageNet setting; PML: 0.07). Memory O(B·R) — PML builds
     a (#positive pairs × #negative pairs) matrix, O(B³).
+
+    **Decomposition** (Sors et al. 2021, :meth:`terms`): ``τ·L = L_pos + τ·L_ent`` with the alignment term
+    ``L_pos = mean_ap(−s_ap)`` and the entropy term ``L_ent = mean_ap LSE_{j∈{p}∪N_a}(s_aj/τ)``, so the
+    temperature is the weight of the entropy term.
     """
 
     def __init__(self, temperature: float = 0.1):
@@ -484,12 +488,33 @@ class NTXentLoss(PairLoss):
         self.temperature = temperature
         self.distance = make_distance("cosine", True)
 
-    def compute(self, b: Batch, indices: Indices | None) -> torch.Tensor:
+    def _parts(self, b: Batch, indices: Indices | None) -> tuple[torch.Tensor, torch.Tensor, Pairs]:
+        """Positive-pair logits ``s_ap/τ`` [B, K], the negatives' ``LSE_n(s_an/τ)`` [B] and the pairs."""
         logits = self.matrix(b) / self.temperature
         pairs = make_pairs(b, indices)
-        lse_n = masked_logsumexp(logits, pairs.neg_add)
-        per_pair = F.softplus(lse_n[:, None] - pairs.positives(logits))
+        return pairs.positives(logits), masked_logsumexp(logits, pairs.neg_add), pairs
+
+    def compute(self, b: Batch, indices: Indices | None) -> torch.Tensor:
+        lp, lse_n, pairs = self._parts(b, indices)
+        per_pair = F.softplus(lse_n[:, None] - lp)
         return reduce(per_pair, pairs.pos_w, "mean") * pairs.present()
+
+    def terms(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices: Indices | None = None,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L_pos, L_ent)`` with ``loss = L_pos / τ + L_ent`` (0, 0 without positive or negative pairs)."""
+        lp, lse_n, pairs = self._parts(prepare(embeddings, labels, ref_embeddings, ref_labels), indices)
+        present = pairs.present()
+        # finite stand-ins where a row has no positive (masked out by the weights) or no negative (−inf)
+        lp = lp * pairs.pos_w
+        ent = torch.logaddexp(lp, lse_n.clamp(min=-BIG)[:, None])
+        pos = reduce(-lp * self.temperature, pairs.pos_w, "mean")
+        return pos * present, reduce(ent, pairs.pos_w, "mean") * present
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
