@@ -92,3 +92,31 @@ def test_training_logs_every_term(tmp_path, fast_overrides):
     assert [(s["epoch"], s["iteration"]) for s in steps] == [(1, 0), (1, 2), (2, 0), (2, 2)]
     assert all(s["loss"] == pytest.approx(s["multi_similarity"] + 0.5 * s["sec"], rel=1e-5) for s in steps)
     assert "multi_similarity" in (tmp_path / "run" / "report" / "report.html").read_text()
+
+
+def test_parts_of_hybrid_and_ensemble_are_reported_but_not_summed():
+    step = make_step(d=8)
+    hybrid = losses.build("hybrid", num_classes=3, embedding_size=8, heads=2, lam=0.5)
+    ensemble = losses.build("ensemble", losses=["multi_similarity", "triplet"], num_classes=3, embedding_size=8)
+    total, values = Objective({"hybrid": hybrid, "ensemble": ensemble}, {"hybrid": 1.0, "ensemble": 2.0})(step)
+    assert total.item() == pytest.approx(values["hybrid"].item() + 2 * values["ensemble"].item())
+    x0, x1 = step.embeddings[:, :4], step.embeddings[:, 4:]
+    for h, x in enumerate((x0, x1)):
+        assert values[f"hybrid/proxy{h}"].item() == pytest.approx(hybrid.proxy[h](x, step.labels).item())
+        assert values[f"hybrid/pair{h}"].item() == pytest.approx(hybrid.pair[h](x, step.labels).item())
+    assert values["hybrid"].item() == pytest.approx(
+        sum(values[f"hybrid/proxy{h}"].item() + 0.5 * values[f"hybrid/pair{h}"].item() for h in (0, 1)))
+    assert values["ensemble/0_multi_similarity"].item() == pytest.approx(
+        losses.build("multi_similarity")(step.embeddings, step.labels).item())
+    assert values["ensemble/w0_multi_similarity"].item() == pytest.approx(0.5)  # uniform prior, m = 2
+    assert not any(v.requires_grad for k, v in values.items() if "/" in k)
+
+
+def test_training_logs_the_parts_of_a_composite_loss(tmp_path, fast_overrides):
+    cfg = load(None, fast_overrides + ["loss.name=ensemble", "loss.losses=[multi_similarity, contrastive]"])
+    Trainer(cfg, tmp_path / "run", progress=False).fit()
+    epochs = [r for r in read_records(tmp_path / "run") if r["epoch"] > 0]
+    keys = {"train/loss/ensemble", "train/loss/ensemble/0_multi_similarity", "train/loss/ensemble/1_contrastive",
+            "train/loss/ensemble/w0_multi_similarity", "train/loss/ensemble/w1_contrastive"}
+    assert all(keys <= set(r) for r in epochs)
+    assert all(r["train/loss"] == pytest.approx(r["train/loss/ensemble"], rel=1e-6) for r in epochs)

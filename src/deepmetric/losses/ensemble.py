@@ -36,6 +36,7 @@ class EnsembleLoss(nn.Module):
 
     ``losses``: registry keys or ``{name: key, **keywords}``; ``num_classes``/``embedding_size`` are filled in.
     The members compare the samples of the batch by label (mined indices and a cross-batch memory are not used).
+    Each step's ``L_k`` and ``w_k`` are kept in ``last_parts`` (``0_<name>``, ``w0_<name>``, …) and logged.
     """
 
     uses_references = False
@@ -107,6 +108,8 @@ class EnsembleLoss(nn.Module):
         scale = (means.mean() / means.clamp(min=torch.finfo(torch.float32).tiny)).float()
         w = self.weights
         total = sum(w[k] * scale[k] * v for k, v in enumerate(values)) + 100 * self.eta * (w.sum() - 1) ** 2
+        self.last_parts = {**{f"{k}_{n}": v.detach() for k, (n, v) in enumerate(zip(self.names, values))},
+                           **{f"w{k}_{n}": w[k].detach() for k, n in enumerate(self.names)}}
         if self.split:
             total = total + self.diversity * self._diversity(embeddings, labels)
             if self.training and self._set_head_weights is not None:

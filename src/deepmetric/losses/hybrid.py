@@ -52,7 +52,8 @@ class HybridLoss(nn.Module):
     The heads are the model's (``model.head: multi_head``; filled in by the objective), or ``heads`` (a
     count of equal heads, or their sizes); with a single-head model this is Proxy-Anchor + λ·MS on the
     whole embedding. Pairs come from the labels (mined indices and a cross-batch memory are not used).
-    Proxies need a larger learning rate: ``optimizer.loss_lr_mult`` (Proxy-Anchor: 100).
+    Proxies need a larger learning rate: ``optimizer.loss_lr_mult`` (Proxy-Anchor: 100). Each step's
+    ``L_proxy`` and ``L_pair`` per head are kept in ``last_parts`` (``proxy0``, ``pair0``, …) and logged.
     """
 
     uses_references = False
@@ -84,7 +85,9 @@ class HybridLoss(nn.Module):
         if indices is not None:
             raise ConfigError("hybrid pairs the samples of the batch by label and does not use mined indices; "
                               "remove the miner (miner.name=null)")
-        return sum(p + self.lam * q for p, q in self.parts(embeddings, labels))
+        parts = self.parts(embeddings, labels)
+        self.last_parts = {f"{kind}{h}": v.detach() for h, pq in enumerate(parts) for kind, v in zip(("proxy", "pair"), pq)}
+        return sum(p + self.lam * q for p, q in parts)
 
     def extra_repr(self) -> str:
         return f"heads={self.sizes}, lam={self.lam}"

@@ -16,6 +16,12 @@
   (``step.classes``: Proxy Synthesis, generated novel classes) a proxy loss gets the mixed proxies of the new
   classes (:func:`deepmetric.augment.proxy_loss_with_classes`).
 * a **regulariser** (registry ``deepmetric.regularizers``) is called as ``regularizer(step)``.
+* with an augmenter's ``aux_loss`` (DAS), every loss is evaluated twice, on the real rows alone (their own
+  mined indices; :meth:`StepInputs.real_rows`) and on real ∪ synthetic rows: ``w_t·(L_t(real) +
+  aux_weight·L_t(all))``, the first logged as the term ``<name>/real``.
+
+A term made of several parts (``hybrid``, ``ensemble``) leaves its last step's parts in a ``last_parts``
+dict of detached tensors; they are reported (not summed) as ``<term>/<part>``.
 
 Constructor parameters ``num_classes``, ``embedding_size``, ``num_samples``, ``model`` and ``lifetime``
 (``sampler.lifetime``) are filled in from the run when a term's constructor has them.
@@ -24,7 +30,7 @@ Constructor parameters ``num_classes``, ``embedding_size``, ``num_samples``, ``m
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -33,7 +39,7 @@ from torch import nn
 from deepmetric import losses, regularizers
 from deepmetric.augment import ClassMix, proxy_loss_with_classes
 from deepmetric.errors import ConfigError, UnknownNameError, suggest
-from deepmetric.pairing import PairRule
+from deepmetric.pairing import PairRule, pair_indices
 from deepmetric.registry import Registry
 
 
@@ -63,6 +69,14 @@ class StepInputs:
     memory: tuple[torch.Tensor, torch.Tensor] | None = None
     pairs: PairRule | None = None
     classes: ClassMix | None = None
+
+    def real_rows(self, miner: nn.Module | None, pairs: PairRule | None = None) -> StepInputs:
+        """This step restricted to its real rows (the first ``B``), mined anew with ``miner`` under the rule
+        ``pairs`` (the sampler's), without synthetic classes."""
+        b = self.sample_ids.shape[0]
+        x, y = self.embeddings[:b], self.labels[:b]
+        return replace(self, embeddings=x, labels=y, is_synthetic=self.is_synthetic[:b],
+                       indices=pair_indices(miner, x, y, pairs), pairs=pairs, classes=None)
 
 
 def term_registry(name: str) -> Registry:
@@ -125,13 +139,24 @@ class Objective(nn.Module):
             value = value + self.memory_weight * loss(x, y, ref_embeddings=mem_x, ref_labels=mem_y)
         return value
 
-    def forward(self, step: StepInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        values = {
-            name: term(step) if isinstance(term, regularizers.Regularizer) else self._loss(name, term, step)
-            for name, term in self.terms.items()
-        }
-        total = sum(self.weights[n] * v for n, v in values.items())
-        return total, values
+    def forward(self, step: StepInputs, real: StepInputs | None = None, aux_weight: float = 1.0
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(total, values)``: ``values`` holds every term and, after them, the terms' ``last_parts``
+        as ``<term>/<part>`` (reported only). With ``real`` (the real rows alone: an augmenter's
+        ``aux_loss``), each loss ``t`` also gets the term ``<t>/real`` = ``L_t(real)`` of weight ``w_t``,
+        and ``L_t(step)`` the weight ``aux_weight·w_t``."""
+        values, weights = {}, dict(self.weights)
+        for name, term in self.terms.items():
+            if isinstance(term, regularizers.Regularizer):
+                values[name] = term(step)
+                continue
+            if real is not None:
+                values[f"{name}/real"], weights[f"{name}/real"] = self._loss(name, term, real), weights[name]
+                weights[name] *= aux_weight
+            values[name] = self._loss(name, term, step)
+        total = sum(weights[n] * v for n, v in values.items())
+        parts = {f"{n}/{p}": v for n, t in self.terms.items() for p, v in getattr(t, "last_parts", {}).items()}
+        return total, {**values, **parts}
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
         for term in self.terms.values():
