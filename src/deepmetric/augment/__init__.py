@@ -16,7 +16,9 @@ State kept across steps (memory banks, per-class statistics) lives in buffers, t
 in parameters: the trainer saves both in checkpoints, and gives parameters an optimiser group ``augmenter``
 with learning rate ``optimizer.lr × lr_mult``. :meth:`Augmenter.on_train_start` / :meth:`~Augmenter.on_epoch_end`
 run between epochs (IAA's estimation pass). Every augmenter has a setting that makes it the identity
-(``N = B``; e.g. ``num_produce: 0``).
+(``N = B``; e.g. ``num_produce: 0``). An augmenter whose ``aux_loss`` is true (DAS's option) has the
+objective evaluate every loss on the real rows alone as well: ``L_t(real) + aux_weight·L_t(real ∪ synthetic)``
+(:meth:`deepmetric.training.objective.Objective.forward`).
 
 Configure with ``augment: {name: das, ...}``; :func:`from_config` fills ``num_classes``,
 ``embedding_size`` and ``normalize`` (the head's L2-normalisation) from the run when the constructor takes
@@ -70,6 +72,8 @@ class Augmenter(nn.Module):
     """Base class: ``forward(embeddings, labels, raw=None) -> Augmented``."""
 
     lr_mult: float = 1.0  # learning-rate multiplier of the augmenter's parameters (generators)
+    aux_loss: bool = False  # the losses also on the real rows alone, those on all rows weighted by aux_weight
+    aux_weight: float = 1.0
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, raw: torch.Tensor | None = None) -> Augmented:
         raise NotImplementedError

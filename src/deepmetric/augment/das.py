@@ -28,7 +28,11 @@ class DenselyAnchoredSampling(Augmenter):
     Steps 1 and 2 run first, so the current batch counts. Defaults are the official code's: n_p = 3,
     K_s = 4, (a, b) = (0.5, 2), N_q = 10, β = 0.01, no detach; its scripts use K_s = 8 for Table 1 (MS),
     (a, b) = (0.99, 1.01) with ``detach`` on CUB/Cars and β = 0.1 on SOP. ``num_produce=0`` is the identity.
-    Not implemented: the code's ``aux_loss`` option (an extra loss on the real rows alone).
+
+    ``aux_loss`` (the code's option, some SOP runs): each loss of the objective is evaluated on the real rows
+    alone (mined on their own) plus ``aux_weight`` × on the real and produced rows,
+    ``L = ℓ(real) + aux_weight·ℓ(real ∪ produced)`` (the code's ``aux_loss_weight``, default 1); the first
+    part is logged as the term ``<loss>/real``.
     """
 
     def __init__(
@@ -42,17 +46,22 @@ class DenselyAnchoredSampling(Augmenter):
         shift: float = 0.01,
         normalize: bool = True,
         detach: bool = False,
+        aux_loss: bool = False,
+        aux_weight: float = 1.0,
     ):
         super().__init__()
         if num_produce < 0 or bank_size < 1 or not 1 <= num_scale <= embedding_size:
             raise ConfigError(f"das: need num_produce >= 0, bank_size >= 1 and 1 <= num_scale <= embedding_size "
                               f"({embedding_size}); got {num_produce}, {bank_size}, {num_scale}")
+        if aux_weight < 0:
+            raise ConfigError(f"das: aux_weight must be >= 0, got {aux_weight}")
         low, high = (float(v) for v in scale_range)
         if not 0 <= low <= high:
             raise ConfigError(f"das: scale_range must be [a, b] with 0 <= a <= b, got {list(scale_range)}")
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.num_produce, self.num_scale, self.scale_range = num_produce, num_scale, (low, high)
         self.bank_size, self.shift, self.normalize, self.detach = bank_size, float(shift), normalize, detach
+        self.aux_loss, self.aux_weight = aux_loss, float(aux_weight)
         self.register_buffer("frequency", torch.zeros(num_classes, embedding_size, dtype=torch.long))
         self.register_buffer("bank", torch.zeros(num_classes, bank_size, embedding_size))
         self.register_buffer("bank_count", torch.zeros(num_classes, dtype=torch.long))
@@ -104,4 +113,5 @@ class DenselyAnchoredSampling(Augmenter):
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, num_produce={self.num_produce}, num_scale={self.num_scale}, "
                 f"scale_range={self.scale_range}, bank_size={self.bank_size}, shift={self.shift}, "
-                f"normalize={self.normalize}, detach={self.detach}")
+                f"normalize={self.normalize}, detach={self.detach}, aux_loss={self.aux_loss}, "
+                f"aux_weight={self.aux_weight}")

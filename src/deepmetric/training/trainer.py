@@ -202,6 +202,7 @@ class Trainer:
         self.sampler.observe(ids, emb)
         synthetic = torch.zeros(emb.shape[0], dtype=torch.bool, device=emb.device)
         pairs, classes = self.sampler.pair_rule(emb.shape[0], emb.device), None
+        real_pairs = pairs
         if self.augmenter is not None:
             emb, y, synthetic, pairs, classes = self.augmenter(emb, y, raw=raw)
         use_memory = self.memory is not None and epoch >= self.config.memory.start_epoch
@@ -211,7 +212,10 @@ class Trainer:
             indices=pair_indices(self.miner, emb, y, pairs), pairs=pairs, classes=classes,
             memory=self.memory.get() if use_memory and len(self.memory) else None,
         )
-        loss, values = self.objective(step)
+        if self.augmenter is not None and self.augmenter.aux_loss:  # the losses on the real rows alone too (DAS)
+            loss, values = self.objective(step, step.real_rows(self.miner, real_pairs), self.augmenter.aux_weight)
+        else:
+            loss, values = self.objective(step)
         if use_memory:
             self.memory.enqueue(real_emb, real_y)  # after the loss: a batch is never its own reference
         self.optimizer.zero_grad(set_to_none=True)
