@@ -69,3 +69,15 @@ def test_dump_round_trips(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(C.dump(cfg))
     assert C.load(path) == cfg
+
+
+def test_a_numeric_part_indexes_a_list():
+    terms = "objective=[{name: multi_similarity}, {name: sec, weight: 0.5}]"
+    cfg = C.load(None, [terms, "objective.1.weight=0.2", "objective.0.alpha=3", "objective.-1.name=lsd"])
+    assert [(t.name, t.weight) for t in cfg.terms()] == [("multi_similarity", 1.0), ("lsd", 0.2)]
+    assert cfg.terms()[0].kwargs() == {"alpha": 3}
+    for bad in ("objective.2.weight=1", "objective.x.weight=1"):
+        with pytest.raises(ConfigError, match="not an index of the list"):
+            C.load(None, [terms, bad])
+    with pytest.raises(ConfigError, match="'weight' is a value, not a section"):
+        C.load(None, [terms, "objective.1.weight.x=1"])

@@ -41,3 +41,17 @@ def test_tune_refuses_to_score_on_the_test_classes(tmp_path):
     assert result.exit_code == 2 and "data.val_classes" in result.output
     bad = runner.invoke(app, ["tune", "--param", "loss.neg_weight=1", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "at least two values" in bad.output
+
+
+def test_tune_searches_a_term_of_the_objective_list(tmp_path):
+    sets = [s for s in TINY if not s.startswith("loss.")] + ["objective=[{name: contrastive}, {name: sec, weight: 0.5}]"]
+    args = ["tune", "--param", "objective.1.weight=0.1,0.5", *_sets(sets), "--out", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(tmp_path / "tune.csv")))
+    assert [float(r["objective.1.weight"]) for r in rows] == [0.5, 0.1]  # starts at the config's own weight
+    for r in rows:
+        saved = (tmp_path / r["folder"] / "config.yaml").read_text()
+        assert f"weight: {float(r['objective.1.weight'])}" in saved
+    bad = runner.invoke(app, ["tune", "--param", "objective.5.weight=0.1,0.5", *_sets(sets), "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "not an index" in bad.output

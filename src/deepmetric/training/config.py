@@ -275,17 +275,32 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), parsed
 
 
+def _list_index(item: str, items: list[Any], part: str) -> int:
+    """``part`` as an index into ``items`` (a list in the config, e.g. ``objective.1.weight``)."""
+    if not part.lstrip("-").isdigit() or not -len(items) <= int(part) < len(items):
+        raise ConfigError(f"--set {item!r}: '{part}' is not an index of the list {items!r} "
+                          f"(0..{len(items) - 1})")
+    return int(part)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``--set`` overrides to a raw (unvalidated) config dict, in place; returns it."""
+    """Apply ``--set`` overrides to a raw (unvalidated) config dict, in place; returns it. A numeric part
+    indexes a list already in the config: ``objective.1.weight=0.5`` sets the second term's weight."""
     for item in overrides:
         path, value = parse_override(item)
-        node = raw
+        node: Any = raw
         for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
+            if isinstance(node, list):
+                child = node[_list_index(item, node, part)]
+            else:
+                child = node.setdefault(part, {})
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(f"--set {item!r}: '{part}' is a value, not a section")
             node = child
-        node[path[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(item, node, path[-1])] = value
+        else:
+            node[path[-1]] = value
     return raw
 
 

@@ -38,9 +38,12 @@ def parse_param(item: str) -> tuple[str, list[Any]]:
 def _current(raw: dict[str, Any], key: str) -> Any:
     node: Any = raw
     for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
             return None
-        node = node[part]
     return node
 
 
