@@ -197,25 +197,34 @@ def tune(
 
 class Kind(str, Enum):
     losses = "losses"
+    regularizers = "regularizers"
     miners = "miners"
+    distances = "distances"
+    samplers = "samplers"
+    augmenters = "augmenters"
     datasets = "datasets"
     backbones = "backbones"
+    heads = "heads"
 
 
 @app.command("list")
 @friendly
 def list_(kind: Annotated[Kind, typer.Argument(help="What to list.")]) -> None:
-    """List registered losses, miners, data sets or backbones."""
-    from deepmetric import data, losses, miners, models
+    """List what a config can name: losses, regularizers, miners, distances, samplers, augmenters, data sets,
+    backbones or heads."""
+    from rich.markup import escape
 
-    registry = {"losses": losses.LOSSES, "miners": miners.MINERS, "datasets": data.DATASETS,
-                "backbones": models.BACKBONES}[kind.value]
+    from deepmetric import augment, data, distances, losses, miners, models, regularizers, samplers
+
+    registry = {"losses": losses.LOSSES, "regularizers": regularizers.REGULARIZERS, "miners": miners.MINERS,
+                "distances": distances.DISTANCES, "samplers": samplers.SAMPLERS, "augmenters": augment.AUGMENTERS,
+                "datasets": data.DATASETS, "backbones": models.BACKBONES, "heads": models.HEADS}[kind.value]
     table = Table(title=kind.value)
     table.add_column("name")
     table.add_column("description")
     for name in registry.available():
         paragraph = " ".join((registry.get(name).__doc__ or "").strip().split("\n\n")[0].split())
-        table.add_row(name, paragraph.split(". ")[0].rstrip(":. ").replace("``", ""))
+        table.add_row(name, escape(paragraph.split(". ")[0].rstrip(":. ").replace("``", "")))
     if kind is Kind.backbones:
         for alias, target in models.backbones.ALIASES.items():
             table.add_row(alias, f"alias of {target}")
