@@ -14,8 +14,8 @@ parent takes the child's peak RSS from ``wait4`` and the CPU used by *other* pro
 - ``ours_all`` / ``pml_all``: the same plus NMI and AMI (faiss k-means, 20 iterations);
 - ``ours_map``: mAP over the full ranking (no PML counterpart: PML's MAP is at k).
 
-Usage: ``python benchmarks/bench_eval.py`` (quick: CUB only) or ``--full`` (adds SOP; ~10 min).
-Writes benchmarks/results/bench_eval.json.
+Usage: ``python benchmarks/bench_evaluation.py`` (quick: CUB only) or ``--full`` (adds SOP; ~10 min).
+Writes benchmarks/results/bench_evaluation.json.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=3, metavar=("IMPL", "CASE", "DIM"), help=argparse.SUPPRESS)
     parser.add_argument("--full", action="store_true", help="also run the SOP-like case (minutes)")
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_eval.json"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_evaluation.json"))
     args = parser.parse_args()
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]))
