@@ -24,7 +24,7 @@ def labels_of(sizes):
 
 
 def test_registry_and_default():
-    assert samplers.SAMPLERS.available() == ["fixed_representatives", "m_per_class"]
+    assert samplers.SAMPLERS.available() == ["fixed_representatives", "m_per_class", "npair"]
     assert isinstance(samplers.from_config(load(None, []), labels_of([20] * 5)), samplers.MPerClassSampler)
 
 

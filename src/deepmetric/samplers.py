@@ -1,5 +1,5 @@
-"""Batch samplers (registry ``SAMPLERS``, chosen by ``sampler.name``): ``m_per_class`` (default) and
-``fixed_representatives``.
+"""Batch samplers (registry ``SAMPLERS``, chosen by ``sampler.name``): ``m_per_class`` (default),
+``fixed_representatives`` and ``npair``.
 
 **m per class** (:class:`MPerClassSampler`): every batch is P distinct classes x m samples. Per epoch, each
 class's indices are shuffled and cut into chunks of m; the chunks of all classes are
@@ -15,6 +15,9 @@ sizes allow. Two documented exceptions, both drawn **with replacement** from the
 
 **Fixed representatives** (:class:`FixedRepresentativeSampler`, Can, Gürbüz & Alatan 2021): every batch
 starts with one representative per class of the batch, kept for ``lifetime`` iterations.
+
+**N-pair batches** (:class:`NPairSampler`, Sohn 2016): N = ``batch_size // 2`` distinct classes x 2
+distinct images, the layout the ``npair`` loss needs.
 
 Batches are seeded by ``(seed, epoch)``: call :meth:`set_epoch` (the trainer does) to get a new, but
 reproducible, order every epoch; a resumed run therefore sees exactly the batches it would have seen.
@@ -255,11 +258,78 @@ class FixedRepresentativeSampler(BatchSampler):
             yield batch
 
 
+@SAMPLERS.register("npair")
+class NPairSampler(BatchSampler):
+    """N-pair batches (Sohn, NeurIPS 2016, "Improved deep metric learning with multi-class N-pair loss
+    objective"): N = ``batch_size // 2`` distinct classes x 2 distinct images each, yielded as
+    ``[a_1, p_1, a_2, p_2, ...]`` (the first image of a class is its anchor, the second its positive; see
+    :func:`deepmetric.losses.pair.npair_indices`).
+
+    Each class keeps a shuffled queue of its images that is refilled when empty (never pairing an image with
+    itself); classes are visited in shuffled order, so all classes appear before any repeats. An epoch is
+    ``number of images // batch_size`` batches. ``batch_size`` must be even, and every class needs at least
+    2 images: a class with one image is a :class:`ConfigError` naming it (remove such classes from the
+    training split), as is a batch with more classes than the data has.
+    """
+
+    def __init__(self, labels, batch_size: int = 64, seed: int = 0):
+        labels = as_int_labels(labels)
+        classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        if batch_size % 2:
+            raise ConfigError(f"npair batches are N classes x 2 images: batch_size must be even, got {batch_size}")
+        if (counts < 2).any():
+            raise ConfigError(
+                f"N-pair batches need 2 distinct images per class; {int((counts < 2).sum())} classes have one "
+                f"(e.g. {classes[counts < 2][:5].tolist()}). Remove them from the training split"
+            )
+        self.num_pairs = batch_size // 2
+        if not 2 <= self.num_pairs <= classes.size:
+            raise ConfigError(f"npair batch_size must be in [4, {2 * classes.size}] (2 x the number of classes), "
+                              f"got {batch_size}")
+        self.batch_size, self.seed, self.epoch, self.pass_ = batch_size, seed, 0, 0
+        order = np.argsort(inverse, kind="stable")
+        self._members = np.split(order, np.cumsum(counts)[:-1])
+
+    def __len__(self) -> int:
+        return max(1, sum(len(m) for m in self._members) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch, self.pass_])
+        queues = [rng.permutation(m).tolist() for m in self._members]
+        stream: list[int] = []
+        for _ in range(len(self)):
+            batch_classes: list[int] = []
+            while len(batch_classes) < self.num_pairs:
+                if not stream:
+                    stream = rng.permutation(len(self._members)).tolist()
+                c = stream.pop()
+                if c in batch_classes:  # only at a refill boundary: keep it for the next batch
+                    stream.insert(0, c)
+                    continue
+                batch_classes.append(c)
+            batch = []
+            for c in batch_classes:
+                batch.extend(self._pair(rng, queues, c))
+            yield batch
+
+    def _pair(self, rng: np.random.Generator, queues: list[list[int]], c: int) -> list[int]:
+        q = queues[c]
+        if len(q) >= 2:
+            return [q.pop(), q.pop()]
+        first = q.pop() if q else None
+        members = self._members[c]
+        refill = rng.permutation(members if first is None else members[members != first]).tolist()
+        queues[c] = refill
+        return [first if first is not None else refill.pop(), refill.pop()]
+
+
 def from_config(config: Any, labels) -> BatchSampler:
     """The sampler of a :class:`~deepmetric.training.config.RunConfig` over the training ``labels``
     (``sampler.name`` and its keywords; ``iterations_per_epoch`` filled in from ``train``)."""
     name, kwargs = config.sampler.name, config.sampler.kwargs()
-    if "iterations_per_epoch" in SAMPLERS.parameters(name):
+    params = SAMPLERS.parameters(name)
+    if "iterations_per_epoch" in params:
         kwargs.setdefault("iterations_per_epoch", config.train.iterations_per_epoch)
-    return SAMPLERS.build(name, labels=labels, m=config.sampler.m, batch_size=config.sampler.batch_size,
-                          seed=config.seed, **kwargs)
+    if "m" in params:  # npair batches have 2 per class by construction
+        kwargs["m"] = config.sampler.m
+    return SAMPLERS.build(name, labels=labels, batch_size=config.sampler.batch_size, seed=config.seed, **kwargs)

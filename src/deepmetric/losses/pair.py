@@ -265,7 +265,7 @@ def npair_indices(labels: torch.Tensor, strict: bool = True) -> tuple[torch.Tens
         raise InputError(
             "the N-pair loss needs exactly 2 samples of each class in the batch (an anchor and a "
             f"positive); classes {classes[counts != 2][:5].tolist()} have {counts[counts != 2][:5].tolist()}. "
-            "Build batches with deepmetric.samplers_npair.NPairSampler, or pass strict=False to use the "
+            "Build batches with the npair sampler (sampler.name=npair), or pass strict=False to use the "
             "first two samples of each class and ignore singletons"
         )
     has_second = torch.zeros_like(first)

@@ -64,12 +64,25 @@ class DataConfig(Section):
 
 
 class SamplerConfig(Component):
-    """Batch sampler (``deepmetric.samplers``): ``m_per_class`` or ``fixed_representatives`` (extra keys are its
-    keywords, e.g. ``lifetime``, ``mining``)."""
+    """Batch sampler (``deepmetric.samplers``): ``m_per_class``, ``fixed_representatives`` or ``npair`` (extra
+    keys are its keywords, e.g. ``lifetime``, ``mining``)."""
 
     name: str = "m_per_class"
     batch_size: int = Field(64, ge=2)
-    m: int = Field(16, ge=1, description="samples per class in a batch")
+    m: int = Field(16, ge=1, description="samples per class in a batch (npair: always 2)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _npair_pairs(cls, data: Any) -> Any:
+        """``npair`` batches are N classes x 2 images: m is 2 and batch_size must be even."""
+        if not isinstance(data, dict) or data.get("name") != "npair":
+            return data
+        if data.get("m", 2) != 2:
+            raise ValueError(f"sampler 'npair' takes exactly 2 images per class; remove sampler.m (got {data['m']})")
+        if isinstance(data.get("batch_size"), int) and data["batch_size"] % 2:
+            raise ValueError(f"sampler 'npair' builds batches of N classes x 2 images: batch_size must be even, "
+                             f"got {data['batch_size']}")
+        return {**data, "m": 2}
 
 
 class ModelConfig(Section):

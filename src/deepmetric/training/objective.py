@@ -191,7 +191,7 @@ def build_objective(config: Any, *, num_classes: int, num_samples: int, model: n
     if config.augment.name is not None and objective.sample_id_terms:
         raise ConfigError(f"{sorted(objective.sample_id_terms)} keep per-sample state and cannot take the "
                           "synthetic rows of an augmenter; set augment.name=null")
-    if config.sampler.name != "m_per_class" and objective.sample_id_terms:
+    if config.sampler.name == "fixed_representatives" and objective.sample_id_terms:
         raise ConfigError(f"{sorted(objective.sample_id_terms)} keep per-sample state and need every row as an anchor; "
                           f"sampler.name={config.sampler.name} compares samples with representatives only")
     return objective
