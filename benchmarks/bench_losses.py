@@ -15,7 +15,9 @@ so a blow-up is an allocation error, not the OOM killer:
   load from other processes on a shared machine hits both alike while the median is not disturbed by
   the other library's freed memory; 2 warm-up steps each, then the median of 5-50 steps (~3 s each;
   3 steps, one at a time, if one takes > 5 s; 1 if > 30 s). A library that fails (out of memory) is
-  reported as a crash and the other is still timed;
+  reported as a crash and must not take the other down: when the shared run loses a library, the other
+  is re-timed alone in a fresh subprocess (each library alone if the shared process itself died, e.g.
+  killed), marked ``timed_alone`` (``†`` in the table);
 * memory: one subprocess per library, peak RSS growth (``ru_maxrss``) over the post-setup baseline
   during two steps (CUDA: peak allocated memory).
 
@@ -27,6 +29,7 @@ Usage::
     python benchmarks/bench_losses.py            # full grid (pair losses ~10-15 min on 2 cores)
     python benchmarks/bench_losses.py --cases proxy_anchor soft_triple   # some cases; other rows are kept
     python benchmarks/bench_losses.py --quick    # B in {128, 512}, D = 128, fewer steps
+    python benchmarks/bench_losses.py --cases ntxent --batch-sizes 2048 --out /tmp/ntxent.json  # one size
     python benchmarks/bench_losses.py --device cuda --out benchmarks/results/bench_losses_cuda.json
 
 Prints a table (ms, ratio = PML / ours, memory) and merges the rows into
@@ -132,6 +135,7 @@ CASES: dict[str, dict] = {
     },
 }
 PROXY_CLASSES = (100, 11318)
+LIBS = ("ours", "pml")
 AS_LIMIT = 20 * 2**30
 
 
@@ -158,14 +162,16 @@ def _build(lib: str, case: str, device: str, dim: int, classes: int):
 
 def child(mode: str, case: str, batch: int, dim: int, device: str, quick: bool, classes: int = 0) -> dict:
     """``mode="time"``: both libraries in this process, steps interleaved (ours, PML, ours, ...) so that
-    load from other processes hits both alike; median per library. ``mode="mem_ours"``/``"mem_pml"``:
-    one library, warm-up + one step, peak RSS growth over the post-setup baseline (CUDA: peak allocated)."""
+    load from other processes hits both alike; median per library (``"time_ours"``/``"time_pml"``: one
+    library alone). ``mode="mem_ours"``/``"mem_pml"``: one library, warm-up + one step, peak RSS growth over
+    the post-setup baseline (CUDA: peak allocated)."""
     import resource
 
     import torch
 
     torch.set_num_threads(2)
-    libs = ("ours", "pml") if mode == "time" else (mode[4:],)
+    kind, _, only = mode.partition("_")
+    libs = (only,) if only else LIBS
     built = {lib: _build(lib, case, device, dim, classes) for lib in libs}
     torch.manual_seed(0)
     x = torch.randn(batch, dim, device=device, requires_grad=True)
@@ -189,7 +195,7 @@ def child(mode: str, case: str, batch: int, dim: int, device: str, quick: bool, 
         sync()
         return time.perf_counter() - t
 
-    if mode != "time":
+    if kind == "mem":
         base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -234,6 +240,7 @@ def run_child(mode: str, case: str, batch: int, dim: int, device: str, quick: bo
 
     A timing run during which other processes used more than 25% of the machine is retried once."""
     env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
+    kind = mode.partition("_")[0]
     cmd = [sys.executable, __file__, "--child", json.dumps([mode, case, batch, dim, device, quick, classes])]
     limit = None if device.startswith("cuda") else AS_LIMIT
 
@@ -260,15 +267,35 @@ def run_child(mode: str, case: str, batch: int, dim: int, device: str, quick: bo
             return {"error": last[:200], "other_cpu_frac": round(other, 3)}
         result = json.loads(out.decode().strip().splitlines()[-1])
         result["other_cpu_frac"] = round(other, 3)
-        if mode != "time" or other <= 0.25 or attempt == 1:
+        if kind != "time" or other <= 0.25 or attempt == 1:
             return result
     return result
+
+
+def time_alone(timing: dict, case: str, batch: int, dim: int, device: str, quick: bool, classes: int) -> dict:
+    """The shared timing run's result with every library it lost re-timed alone in a fresh subprocess, so that
+    a library that fails cannot take the other down. If one library failed (its own error), the other is
+    re-timed; if the shared process died (no per-library result), each library is timed alone and the one
+    that fails records its own error. Re-timed results carry ``timed_alone``."""
+    died = "ours" not in timing and "pml" not in timing
+    failed = [lib for lib in LIBS if "ms" not in timing.get(lib, {})]
+    if not failed or (not died and len(failed) == len(LIBS)):
+        return timing
+    out = {k: v for k, v in timing.items() if k != "error"}
+    if died:
+        out["shared_error"] = timing.get("error", "no output")
+    for lib in LIBS if died else [lib for lib in LIBS if lib not in failed]:
+        solo = run_child(f"time_{lib}", case, batch, dim, device, quick, classes)
+        mine = solo.get(lib) or {"error": solo.get("error", "no timing")}
+        out[lib] = {**mine, "timed_alone": True, "other_cpu_frac": solo.get("other_cpu_frac")}
+    return out
 
 
 def fmt_ms(r: dict) -> str:
     if "ms" not in r:
         return "crash"
-    return f"{r['ms']:.3g}" if r["ms"] < 100 else f"{r['ms']:.0f}"
+    ms = f"{r['ms']:.3g}" if r["ms"] < 100 else f"{r['ms']:.0f}"
+    return ms + ("†" if r.get("timed_alone") else "")
 
 
 def main() -> None:
@@ -276,6 +303,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="B in {128, 512}, D = 128, ~1 s of steps per case")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--batch-sizes", nargs="*", type=int, default=None, help="only these B (default: the grid's)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_losses.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -292,12 +320,15 @@ def main() -> None:
     print("|" + "---|" * (header.count("|") - 1))
     for case in args.cases:
         for batch, dim, classes in grid(case, args.quick):
-            timing = run_child("time", case, batch, dim, args.device, args.quick, classes)
+            if args.batch_sizes and batch not in args.batch_sizes:
+                continue
+            timing = time_alone(run_child("time", case, batch, dim, args.device, args.quick, classes),
+                                case, batch, dim, args.device, args.quick, classes)
             mem = {lib: run_child(f"mem_{lib}", case, batch, dim, args.device, args.quick, classes) for lib in ("ours", "pml")}
             res = {}
             for lib in ("ours", "pml"):
                 res[lib] = dict(timing.get(lib, {}), **mem[lib])
-                error = mem[lib].get("error") or res[lib].get("error") or timing.get("error")
+                error = mem[lib].get("error") or res[lib].get("error")
                 if error or "ms" not in res[lib]:
                     res[lib]["error"] = error or "no timing"
             ours, pml = res["ours"], res["pml"]
@@ -305,6 +336,8 @@ def main() -> None:
             row = {"case": case, "B": batch, "D": dim, **({"C": classes} if classes else {}),
                    "ours": ours, "pml": pml, "ratio": ratio}
             row["other_cpu_frac"] = timing.get("other_cpu_frac")
+            if "shared_error" in timing:
+                row["shared_run_error"] = timing["shared_error"]
             rows.append(row)
             mb = [f"{r['mem_mb']:.0f}" if "mem_mb" in r else "crash" for r in (ours, pml)]
             print(
@@ -313,6 +346,8 @@ def main() -> None:
                 f"{row['other_cpu_frac'] or 0:.0%} |",
                 flush=True,
             )
+    if any(r[lib].get("timed_alone") for r in rows for lib in LIBS):
+        print("† timed alone in a fresh process: a library failed in the shared timing run")
     meta = {
         "device": args.device,
         "quick": args.quick,
@@ -327,9 +362,11 @@ def main() -> None:
     out = Path(args.out)
     merged = merge(json.loads(out.read_text()) if out.is_file() else None, rows, meta)
     for fam, summary in merged["summary"].items():
-        print(f"{fam}: median PML/ours {summary['median_ratio']:.2f}x over {summary['cases']} cases, "
-              f"min {summary['min_ratio']:.2f}x; PML crashed: {summary['pml_crashes'] or 'none'}; "
-              f"ours crashed: {summary['ours_crashes'] or 'none'}; ours more memory: {summary['ours_more_memory'] or 'none'}")
+        ratios = (f"median PML/ours {summary['median_ratio']:.2f}x over {summary['cases']} cases, "
+                  f"min {summary['min_ratio']:.2f}x" if summary["cases"] else "no case with both times")
+        print(f"{fam}: {ratios}; PML crashed: {summary['pml_crashes'] or 'none'}; "
+              f"ours crashed: {summary['ours_crashes'] or 'none'}; timed alone: {summary['timed_alone'] or 'none'}; "
+              f"ours more memory: {summary['ours_more_memory'] or 'none'}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(merged, indent=1))
     print(f"wrote {out}")
@@ -358,6 +395,7 @@ def summarize(rows: list[dict]) -> dict:
         "min_ratio": min(ratios) if ratios else None,
         "pml_crashes": [name(r) for r in rows if "error" in r["pml"]],
         "ours_crashes": [name(r) for r in rows if "error" in r["ours"]],
+        "timed_alone": [name(r) for r in rows if r["ours"].get("timed_alone") or r["pml"].get("timed_alone")],
         "ours_more_memory": [
             name(r) for r in rows
             if "mem_mb" in r["ours"] and "mem_mb" in r["pml"] and r["ours"]["mem_mb"] > r["pml"]["mem_mb"] + 8
