@@ -118,6 +118,14 @@ def test_shipped_grid_file_plans():
     assert all(r.cfg.data.val_classes == 2 for r in runs)
 
 
+def test_every_shipped_grid_plans_with_valid_components():
+    for path in sorted((ROOT / "grids").glob("*.yaml")):
+        runs = G.plan(G.make_grid(path), "unused")  # checks every run's config and component keywords
+        assert runs and len({(r.variant, r.seed) for r in runs}) == len(runs), path.name
+    proxy = G.plan(G.make_grid(ROOT / "grids" / "digits_proxy_losses.yaml"), "unused")
+    assert len(proxy) == 13 * 3 and all(r.cfg.train.select_on == "auto" and not r.cfg.data.val_classes for r in proxy)
+
+
 def test_aggregate_mean_std_and_t_interval():
     recs = [{"config": "c", "variant": "v", "view": "single", "seed": s, "fold": "", "selected_on": "test",
              "selected_epoch": 1, "folder": "x", "map@r": m, "recall@1": 0.9, "n_lone_queries": 0}
