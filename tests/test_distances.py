@@ -50,6 +50,19 @@ def test_gradcheck_and_symmetric_gram_backward(name):
     assert torch.autograd.gradcheck(lambda a, b: dist(a, b), (x.clone().requires_grad_(), y.clone().requires_grad_()))
 
 
+def test_normalize_equals_f_normalize_with_its_gradient():
+    x, _ = data(n=6, d=3)
+    x[2] = 0.0  # clamped norm: autograd passes no gradient through the norm
+    x[3] *= 1e-13
+    x.requires_grad_(True)
+    g = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ours = distances.normalize(x)
+    assert torch.equal(ours, F.normalize(x, dim=1))
+    torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(F.normalize(x, dim=1), x, g)[0],
+                               rtol=1e-12, atol=0)
+    assert torch.autograd.gradcheck(distances.normalize, (data(n=4, d=3)[0].requires_grad_(),))
+
+
 def test_euclidean_gradient_finite_at_zero_distance():
     x = torch.tensor([[1.0, 2.0], [1.0, 2.0], [0.0, 1.0]], requires_grad=True)
     d = distances.build("euclidean")(x)

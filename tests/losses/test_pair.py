@@ -239,6 +239,49 @@ def test_contrastive_matches_pml():
     torch.testing.assert_close(ours, pl.ContrastiveLoss(neg_margin=0.5)(x, y), rtol=1e-5, atol=1e-6)
 
 
+def contrastive_by_autograd(loss, m, y, ref_y, self_ref):
+    """The contrastive loss's (L_pos, L_neg) on the matrix m by plain autograd on dense label masks."""
+    same = y[:, None] == ref_y[None, :]
+    pos = (same & ~torch.eye(*m.shape, dtype=torch.bool)) if self_ref else same
+    neg = ~same
+    if loss.distance.is_similarity:
+        lp, ln = torch.relu(loss.pos_margin - m), torch.relu(m - loss.neg_margin)
+    else:
+        lp, ln = torch.relu(m - loss.pos_margin), torch.relu(loss.neg_margin - m)
+    lp, ln = lp[pos] ** loss.power, ln[neg] ** loss.power
+    present = float(bool(pos.any()) and bool(neg.any()))
+    if loss.reduction == "avg_nonzero":
+        return (lp.sum() / max(int((lp > 0).sum()), 1) * present, ln.sum() / max(int((ln > 0).sum()), 1) * present)
+    if loss.reduction == "mean_pos_neg":
+        return lp.sum() / max(lp.numel(), 1) * present, ln.sum() / max(ln.numel(), 1) * present
+    count = max(lp.numel() + ln.numel(), 1) if loss.reduction == "mean" else 1
+    return lp.sum() / count * present, ln.sum() / count * present
+
+
+@pytest.mark.parametrize("reduction", ["mean", "avg_nonzero", "sum", "mean_pos_neg"])
+@pytest.mark.parametrize("distance,power", [("euclidean", 1), ("euclidean", 2), ("cosine", 1), ("cosine", 2)])
+@pytest.mark.parametrize("refs", [False, True], ids=["batch", "refs"])
+def test_contrastive_hand_written_backward_equals_autograd(reduction, distance, power, refs):
+    """The loss's hand-differentiated terms equal plain autograd on the same matrix, value and gradient."""
+    loss = losses.build("contrastive", distance=distance, power=power, reduction=reduction, neg_weight=0.7,
+                        neg_margin=1.2 if distance == "euclidean" else 0.2).double()
+    x, y = batch(n_classes=3, per_class=3, dim=4, seed=31, dtype=torch.float64)
+    ref, ref_y = (batch(n_classes=4, per_class=2, dim=4, seed=32, dtype=torch.float64) if refs else (None, y))
+    args = {"ref_embeddings": ref.requires_grad_(), "ref_labels": ref_y} if refs else {}
+    x.requires_grad_(True)
+    ours = loss.terms(x, y, **args)
+    m = loss.distance(x, ref)
+    expected = contrastive_by_autograd(loss, m, y, ref_y, not refs)
+    for a, b in zip(ours, expected):
+        assert b.item() > 0
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    inputs = (x, ref) if refs else (x,)
+    for a, b in zip(torch.autograd.grad(ours[0] + 0.7 * ours[1], inputs),
+                    torch.autograd.grad(expected[0] + 0.7 * expected[1], inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda e: loss(e, y, **args), (x,), eps=1e-6, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------- triplet
 
 

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from deepmetric.distances import gram
 from deepmetric.errors import ConfigError, InputError, LabelError
@@ -107,6 +108,57 @@ class MultiSimilarityLoss(PairLoss):
         )
 
 
+class _ContrastiveTerms(torch.autograd.Function):
+    """``(L_pos, L_neg)`` of :class:`ContrastiveLoss` from its ``[B, R]`` matrix ``m``, with a hand-written
+    backward.
+
+    ``h⁺ = [σ(m_ap − m_pos)]_+`` on the positive pairs (``pos_idx`` with 0/1 ``pos_w``) and
+    ``h⁻ = [σ(m_neg − m_an)]_+`` on the negative pairs (0/1 ``neg``), σ = +1 on a distance, −1 on a
+    similarity; each part is ``Σ h^p / count · present`` with the count of the ``reduction`` (``avg_nonzero``:
+    the pairs with ``h^p > 0``; ``mean_pos_neg``: the part's pairs; ``mean``: all pairs; ``sum``: none).
+    The backward writes ∂/∂m once, into one ``[B, R]`` buffer (the negative pairs' ``−σ·p·(h⁻)^{p−1}``,
+    then the positive pairs scattered in), where autograd would build, mask and add one ``[B, R]``
+    gradient per operation; the values are the same as autograd's.
+    """
+
+    @staticmethod
+    def forward(ctx, m, pos_idx, pos_w, neg, present, pos_margin: float, neg_margin: float, sign: float,
+                power: int, reduction: str):
+        h_pos = m.gather(1, pos_idx).sub_(pos_margin).mul_(sign).relu_()
+        h_neg = ((neg_margin - m) if sign > 0 else (m - neg_margin)).relu_()
+        n_all = (pos_w.sum() + neg.sum()).clamp(min=1) if reduction == "mean" else None
+        terms, slopes, scales = [], [], []
+        for h, w in ((h_pos, pos_w), (h_neg, neg)):
+            h = h.mul_(w)  # masked before the power: the same values, as w is 0/1
+            v = h * h if power == 2 else h
+            active = torch.sign(v) if power == 1 or reduction == "avg_nonzero" else None  # 1 where ℓ > 0
+            if reduction == "avg_nonzero":
+                count = active.sum(1).long().sum().clamp(min=1)  # row counts are exact in floating point
+            elif reduction == "mean_pos_neg":
+                count = w.sum().clamp(min=1)
+            else:
+                count = n_all  # None for "sum"
+            total = v.sum()
+            terms.append((total if count is None else total / count) * present)
+            slopes.append(h.mul_(2.0) if power == 2 else active)  # ∂h^p/∂h on the pairs
+            scales.append(count)
+        ctx.sign, ctx.scales = sign, scales
+        ctx.save_for_backward(pos_idx, present, *slopes)
+        return tuple(terms)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_pos, grad_neg):
+        pos_idx, present, slope_pos, slope_neg = ctx.saved_tensors
+        (count_pos, count_neg), sign = ctx.scales, ctx.sign
+        g_pos, g_neg = grad_pos * present, grad_neg * present  # as autograd: (grad · present) / count
+        if count_pos is not None:
+            g_pos, g_neg = g_pos / count_pos, g_neg / count_neg
+        grad = slope_neg * (-sign * g_neg)
+        grad.scatter_add_(1, pos_idx, slope_pos * (sign * g_pos))
+        return grad, *[None] * 9
+
+
 @register("contrastive")
 class ContrastiveLoss(PairLoss):
     """Contrastive loss (Hadsell, Chopra & LeCun, CVPR 2006), in the two-margin library form.
@@ -165,22 +217,9 @@ class ContrastiveLoss(PairLoss):
     def _terms(self, b: Batch, indices: Indices | None) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.matrix(b)
         pairs = make_pairs(b, indices)
-        mp = pairs.positives(m)
-        if self.distance.is_similarity:
-            lp, ln = torch.relu(self.pos_margin - mp), torch.relu(m - self.neg_margin)
-        else:
-            lp, ln = torch.relu(mp - self.pos_margin), torch.relu(self.neg_margin - m)
-        if self.power == 2:
-            lp, ln = lp * lp, ln * ln
-        present = pairs.present()
-        if self.reduction in ("avg_nonzero", "mean_pos_neg"):
-            how = "avg_nonzero" if self.reduction == "avg_nonzero" else "mean"
-            return reduce(lp, pairs.pos_w, how) * present, reduce(ln, pairs.neg, how) * present
-        pos, neg = (lp * pairs.pos_w).sum(), (ln * pairs.neg).sum()
-        if self.reduction == "mean":
-            count = (pairs.pos_w.sum() + pairs.neg.sum()).clamp(min=1)
-            pos, neg = pos / count, neg / count
-        return pos * present, neg * present
+        sign = -1.0 if self.distance.is_similarity else 1.0
+        return _ContrastiveTerms.apply(m, pairs.pos_idx, pairs.pos_w, pairs.neg, pairs.present(), self.pos_margin,
+                                       self.neg_margin, sign, self.power, self.reduction)
 
     def compute(self, b: Batch, indices: Indices | None) -> torch.Tensor:
         pos, neg = self._terms(b, indices)
