@@ -99,3 +99,9 @@ def test_infonce_terms_without_negatives_are_zero_and_backpropagate():
     assert pos.item() == 0 and ent.item() == 0
     (pos + ent).backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_losses_without_a_decomposition_say_so():
+    x, y = batch()
+    with pytest.raises(NotImplementedError, match="TripletMarginLoss has no positive/negative decomposition"):
+        losses.build("triplet").terms(x, y)

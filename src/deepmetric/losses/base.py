@@ -279,6 +279,21 @@ class PairLoss(nn.Module):
     def compute(self, b: Batch, indices: Indices | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def terms(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices: Indices | None = None,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss's positive and negative / entropy parts (Sors et al. 2021's decomposition), for the
+        losses that define ``compute_terms(batch, indices)``; how they add up is in each loss's docstring."""
+        compute_terms = getattr(self, "compute_terms", None)
+        if compute_terms is None:
+            raise NotImplementedError(f"{type(self).__name__} has no positive/negative decomposition")
+        return compute_terms(prepare(embeddings, labels, ref_embeddings, ref_labels), indices)
+
     def matrix(self, b: Batch) -> torch.Tensor:
         """``self.distance`` between anchors and references ``[B, R]``."""
         return self.distance(b.x, b.ref)

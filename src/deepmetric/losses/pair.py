@@ -31,7 +31,6 @@ from deepmetric.losses.base import (
     make_distance,
     make_pairs,
     masked_logsumexp,
-    prepare,
     reduce,
 )
 
@@ -203,18 +202,8 @@ class ContrastiveLoss(PairLoss):
         self.reduction = reduction if reduction == "mean_pos_neg" else check_reduction(reduction)
         self.neg_weight = float(neg_weight)
 
-    def terms(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices: Indices | None = None,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_terms(self, b: Batch, indices: Indices | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L_pos, L_neg)`` with ``loss = L_pos + neg_weight · L_neg`` (Sors et al. 2021's decomposition)."""
-        return self._terms(prepare(embeddings, labels, ref_embeddings, ref_labels), indices)
-
-    def _terms(self, b: Batch, indices: Indices | None) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.matrix(b)
         pairs = make_pairs(b, indices)
         sign = -1.0 if self.distance.is_similarity else 1.0
@@ -222,7 +211,7 @@ class ContrastiveLoss(PairLoss):
                                        self.neg_margin, sign, self.power, self.reduction)
 
     def compute(self, b: Batch, indices: Indices | None) -> torch.Tensor:
-        pos, neg = self._terms(b, indices)
+        pos, neg = self.compute_terms(b, indices)
         return pos + self.neg_weight * neg
 
     def extra_repr(self) -> str:
@@ -538,16 +527,9 @@ class NTXentLoss(PairLoss):
         per_pair = F.softplus(lse_n[:, None] - lp)
         return reduce(per_pair, pairs.pos_w, "mean") * pairs.present()
 
-    def terms(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices: Indices | None = None,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_terms(self, b: Batch, indices: Indices | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L_pos, L_ent)`` with ``loss = L_pos / τ + L_ent`` (0, 0 without positive or negative pairs)."""
-        lp, lse_n, pairs = self._parts(prepare(embeddings, labels, ref_embeddings, ref_labels), indices)
+        lp, lse_n, pairs = self._parts(b, indices)
         present = pairs.present()
         # finite stand-ins where a row has no positive (masked out by the weights) or no negative (−inf)
         lp = lp * pairs.pos_w
