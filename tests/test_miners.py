@@ -245,3 +245,12 @@ def test_miner_half_precision_and_no_grad():
     trip = miners.build("batch_hard")(xh, y)
     assert as_set(trip) == as_set(miners.build("batch_hard")(xh.detach().float(), y))
     assert all(not t.requires_grad for t in trip)
+
+
+@pytest.mark.parametrize("name", ["batch_hard", "semi_hard", "multi_similarity"])
+def test_mining_inside_an_autocast_region_is_the_float32_mining(name):
+    x, y = batch(n_classes=8, per_class=4, dim=64, seed=5)
+    miner = miners.build(name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = miner(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(inside, miner(x, y)))

@@ -29,7 +29,8 @@ _CHUNK_ELEMENTS = 2**24
 
 
 class Miner(nn.Module):
-    """Base class: validates the inputs (:func:`deepmetric.losses.base.prepare`) and calls ``mine``."""
+    """Base class: validates the inputs (:func:`deepmetric.losses.base.prepare`) and calls ``mine`` without
+    gradients and with autocast disabled (distances in float32, as the losses compute them)."""
 
     def forward(
         self,
@@ -39,7 +40,7 @@ class Miner(nn.Module):
         ref_labels: torch.Tensor | None = None,
     ) -> Indices:
         b = prepare(embeddings, labels, ref_embeddings, ref_labels)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(b.x.device.type, enabled=False):
             b = Batch(b.x.detach(), b.labels, None if b.ref is None else b.ref.detach(), b.ref_labels)
             return self.mine(b)
 

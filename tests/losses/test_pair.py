@@ -95,6 +95,16 @@ def test_half_precision_matches_float32(case):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_inside_an_autocast_region_computes_in_float32(case):
+    loss = build(case)
+    x, y = batch(seed=4, dim=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = loss(x, y)
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, loss(x, y), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_identical_points_finite_gradient(case):
     loss = build(case)
     x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], requires_grad=True)

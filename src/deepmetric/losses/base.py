@@ -263,7 +263,8 @@ class PairLoss(nn.Module):
     """Base of the pair-based losses.
 
     ``forward(embeddings, labels, indices=None, ref_embeddings=None, ref_labels=None) -> scalar`` validates
-    the inputs (:func:`prepare`) and calls ``self.compute(batch, indices)``.
+    the inputs (:func:`prepare`) and calls ``self.compute(batch, indices)`` with autocast disabled, so that
+    distances and log-sum-exps stay in float32 inside a mixed-precision region.
     """
 
     def forward(
@@ -274,7 +275,9 @@ class PairLoss(nn.Module):
         ref_embeddings: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.compute(prepare(embeddings, labels, ref_embeddings, ref_labels), indices)
+        b = prepare(embeddings, labels, ref_embeddings, ref_labels)
+        with torch.autocast(b.x.device.type, enabled=False):
+            return self.compute(b, indices)
 
     def compute(self, b: Batch, indices: Indices | None) -> torch.Tensor:
         raise NotImplementedError

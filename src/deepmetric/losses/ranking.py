@@ -110,18 +110,6 @@ class RankingLoss(PairLoss):
         self.distance = make_distance("cosine", True)
         self.queries_without_positives = 0
 
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices: Indices | None = None,
-        ref_embeddings: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        b = prepare(embeddings, labels, ref_embeddings, ref_labels)
-        with torch.autocast(b.x.device.type, enabled=False):
-            return self.compute(b, indices)
-
     def ranking(self, b: Batch, indices: Indices | None) -> Ranking:
         sim = self.matrix(b)
         pairs = make_pairs(b, indices)
