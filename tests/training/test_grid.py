@@ -123,7 +123,7 @@ def test_every_shipped_grid_plans_with_valid_components():
         runs = G.plan(G.make_grid(path), "unused")  # checks every run's config and component keywords
         assert runs and len({(r.variant, r.seed) for r in runs}) == len(runs), path.name
     proxy = G.plan(G.make_grid(ROOT / "grids" / "digits_proxy_losses.yaml"), "unused")
-    assert len(proxy) == 15 * 3 and all(r.cfg.train.select_on == "auto" and not r.cfg.data.val_classes for r in proxy)
+    assert len(proxy) == 17 * 3 and all(r.cfg.train.select_on == "auto" and not r.cfg.data.val_classes for r in proxy)
 
 
 def test_aggregate_mean_std_and_t_interval():
