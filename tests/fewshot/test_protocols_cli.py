@@ -45,7 +45,7 @@ def test_transfer_config_errors_are_friendly(tmp_path):
     result = runner.invoke(app, ["transfer", "--out", str(tmp_path), "--set", "method=[dml]"])
     assert result.exit_code == 2 and "unknown key 'method'" in result.output and "methods" in result.output
     result = runner.invoke(app, ["transfer", "--out", str(tmp_path), "--k", "0"])
-    assert result.exit_code == 2 and "ks must be" in result.output
+    assert result.exit_code == 2 and "ks (the command's --k) must be" in result.output
 
 
 def test_ood_end_to_end(tmp_path):

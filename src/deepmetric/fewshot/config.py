@@ -132,7 +132,8 @@ class TransferConfig(_WithSource):
     def _positive(cls, values: list[int], info) -> list[int]:
         low = 1 if info.field_name == "ks" else 2
         if not values or any(v < low for v in values):
-            raise ValueError(f"{info.field_name} must be a non-empty list of integers >= {low}")
+            flag = "--k" if info.field_name == "ks" else "--n"
+            raise ValueError(f"{info.field_name} (the command's {flag}) must be a non-empty list of integers >= {low}")
         return sorted(set(values))
 
     @field_validator("methods")
