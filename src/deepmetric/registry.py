@@ -79,3 +79,9 @@ class Registry(Generic[T]):
         """Construct ``name`` with ``kwargs`` after checking the keyword names."""
         self.check_kwargs(name, kwargs)
         return self.get(name)(**kwargs)
+
+    def build_in_context(self, name: str, context: dict[str, Any], **kwargs: Any) -> T:
+        """:meth:`build` with, in addition, each ``context`` keyword (values the run knows, e.g.
+        ``num_classes``) that the constructor of ``name`` takes and ``kwargs`` does not give."""
+        params = self.parameters(name)
+        return self.build(name, **{**{k: v for k, v in context.items() if k in params}, **kwargs})

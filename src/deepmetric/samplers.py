@@ -326,10 +326,7 @@ class NPairSampler(BatchSampler):
 def from_config(config: Any, labels) -> BatchSampler:
     """The sampler of a :class:`~deepmetric.training.config.RunConfig` over the training ``labels``
     (``sampler.name`` and its keywords; ``iterations_per_epoch`` filled in from ``train``)."""
-    name, kwargs = config.sampler.name, config.sampler.kwargs()
-    params = SAMPLERS.parameters(name)
-    if "iterations_per_epoch" in params:
-        kwargs.setdefault("iterations_per_epoch", config.train.iterations_per_epoch)
-    if "m" in params:  # npair batches have 2 per class by construction
-        kwargs["m"] = config.sampler.m
-    return SAMPLERS.build(name, labels=labels, batch_size=config.sampler.batch_size, seed=config.seed, **kwargs)
+    # npair takes no m: its batches have 2 per class by construction
+    context = {"iterations_per_epoch": config.train.iterations_per_epoch, "m": config.sampler.m}
+    return SAMPLERS.build_in_context(config.sampler.name, context, labels=labels, batch_size=config.sampler.batch_size,
+                                     seed=config.seed, **config.sampler.kwargs())

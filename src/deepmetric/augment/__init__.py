@@ -167,14 +167,9 @@ def from_config(config: Any, num_classes: int) -> Augmenter | None:
     if config.sampler.name != "m_per_class":
         raise ConfigError(f"augment.name={config.augment.name} needs m_per_class batches, but sampler.name is "
                           f"{config.sampler.name!r} (whose batches already fix which rows pair up)")
-    kwargs = config.augment.kwargs()
     filled = {"num_classes": num_classes, "embedding_size": config.model.embedding_size,
               "normalize": config.model.normalize}
-    params = AUGMENTERS.parameters(config.augment.name)
-    for key, value in filled.items():
-        if key in params:
-            kwargs.setdefault(key, value)
-    return build(config.augment.name, **kwargs)
+    return AUGMENTERS.build_in_context(config.augment.name, filled, **config.augment.kwargs())
 
 
 from deepmetric.augment import das, generative, iaa  # noqa: E402,F401  (registers the augmenters)

@@ -36,8 +36,7 @@ def build_with_context(spec: str | dict[str, Any], **context: Any) -> nn.Module:
     if "name" not in kwargs:
         raise ConfigError(f"a member loss needs a name, e.g. {{name: multi_similarity}}; got {spec!r}")
     name = kwargs.pop("name")
-    params = LOSSES.parameters(name)
-    return LOSSES.build(name, **{**{k: v for k, v in context.items() if k in params}, **kwargs})
+    return LOSSES.build_in_context(name, context, **kwargs)
 
 
 from deepmetric.losses import pair, probabilistic, proxy, ranking  # noqa: E402,F401  (registers the pair-, proxy-, probabilistic and ranking losses)

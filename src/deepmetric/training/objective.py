@@ -175,12 +175,7 @@ def build_objective(config: Any, *, num_classes: int, num_samples: int, model: n
     terms, weights = {}, {}
     for term in config.terms():
         registry = term_registry(term.name)
-        kwargs = term.kwargs()
-        params = registry.parameters(term.name)
-        for key, value in filled.items():
-            if key in params:
-                kwargs.setdefault(key, value)
-        terms[term.name] = registry.build(term.name, **kwargs)
+        terms[term.name] = registry.build_in_context(term.name, filled, **term.kwargs())
         weights[term.name] = term.weight
     objective = Objective(terms, weights, memory_weight=config.memory.weight)
     by_refs = [n for n, t in objective.losses().items() if uses_references(t)]
