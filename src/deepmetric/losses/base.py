@@ -291,11 +291,11 @@ class PairLoss(nn.Module):
         ref_labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss's positive and negative / entropy parts (Sors et al. 2021's decomposition), for the
-        losses that define ``compute_terms(batch, indices)``; how they add up is in each loss's docstring."""
-        compute_terms = getattr(self, "compute_terms", None)
-        if compute_terms is None:
-            raise NotImplementedError(f"{type(self).__name__} has no positive/negative decomposition")
-        return compute_terms(prepare(embeddings, labels, ref_embeddings, ref_labels), indices)
+        losses that implement :meth:`compute_terms`; how they add up is in each loss's docstring."""
+        return self.compute_terms(prepare(embeddings, labels, ref_embeddings, ref_labels), indices)
+
+    def compute_terms(self, b: Batch, indices: Indices | None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} has no positive/negative decomposition")
 
     def matrix(self, b: Batch) -> torch.Tensor:
         """``self.distance`` between anchors and references ``[B, R]``."""
