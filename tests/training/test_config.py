@@ -81,3 +81,10 @@ def test_a_numeric_part_indexes_a_list():
             C.load(None, [terms, bad])
     with pytest.raises(ConfigError, match="'weight' is a value, not a section"):
         C.load(None, [terms, "objective.1.weight.x=1"])
+
+
+def test_lookup_reads_what_set_writes():
+    raw = {"objective": [{"name": "multi_similarity"}, {"name": "sec", "weight": 0.5}], "train": {"epochs": 3}}
+    assert C.lookup(raw, "objective.1.weight") == 0.5 and C.lookup(raw, "objective.-1.name") == "sec"
+    assert C.lookup(raw, "train.epochs") == 3
+    assert C.lookup(raw, "objective.2.weight") is None and C.lookup(raw, "train.lr") is None

@@ -288,12 +288,31 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), parsed
 
 
+def _index(items: list[Any], part: str) -> int | None:
+    """``part`` as an index into ``items`` (a list in the config, e.g. ``objective.1.weight``), or None."""
+    return int(part) if part.lstrip("-").isdigit() and -len(items) <= int(part) < len(items) else None
+
+
 def _list_index(item: str, items: list[Any], part: str) -> int:
-    """``part`` as an index into ``items`` (a list in the config, e.g. ``objective.1.weight``)."""
-    if not part.lstrip("-").isdigit() or not -len(items) <= int(part) < len(items):
+    index = _index(items, part)
+    if index is None:
         raise ConfigError(f"--set {item!r}: '{part}' is not an index of the list {items!r} "
                           f"(0..{len(items) - 1})")
-    return int(part)
+    return index
+
+
+def lookup(raw: dict[str, Any], key: str) -> Any:
+    """The value at ``key`` (``a.b``, numeric parts indexing lists as in ``--set``) of a raw config dict,
+    or None when there is none."""
+    node: Any = raw
+    for part in key.split("."):
+        if isinstance(node, list) and (index := _index(node, part)) is not None:
+            node = node[index]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return None
+    return node
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from deepmetric.errors import ConfigError
-from deepmetric.training.config import check_components, load, parse_override
+from deepmetric.training.config import check_components, load, lookup, parse_override
 from deepmetric.training.grid import Run, _slug, _write_csv, metric_label, run_state, train_run
 from deepmetric.tuning import SearchResult, coordinate_descent
 
@@ -33,18 +33,6 @@ def parse_param(item: str) -> tuple[str, list[Any]]:
     if len(parsed) < 2:
         raise ConfigError(f"--param {key.strip()} needs at least two values to search, got {values!r}")
     return key.strip(), parsed
-
-
-def _current(raw: dict[str, Any], key: str) -> Any:
-    node: Any = raw
-    for part in key.split("."):
-        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        elif isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            return None
-    return node
 
 
 @dataclass
@@ -77,7 +65,7 @@ def tune(
         raise ConfigError("deepmetric tune scores each point on held-out training classes: set data.val_classes "
                           "(e.g. --set data.val_classes=2) or data.val_folds; the test classes are never used to tune")
     raw = base.model_dump(mode="json")
-    start = {k: next((c for c in params[k] if c == _current(raw, k)), None) for k in params}  # 1 == 1.0
+    start = {k: next((c for c in params[k] if c == lookup(raw, k)), None) for k in params}  # 1 == 1.0
     start = {k: v for k, v in start.items() if v is not None}
     out.mkdir(parents=True, exist_ok=True)
     (out / "tune.yaml").write_text(yaml.safe_dump(
