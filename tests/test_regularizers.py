@@ -104,6 +104,19 @@ class Normalize(nn.Module):
         return F.normalize(x, dim=1)
 
 
+def test_listwise_kl_inside_an_autocast_region_is_the_float32_value():
+    """A caller's mixed-precision region does not turn the similarity lists into bfloat16 products."""
+    g = torch.Generator().manual_seed(3)
+    x = F.normalize(torch.randn(24, 32, generator=g), dim=1)
+    t = F.normalize(x + 0.3 * torch.randn(24, 32, generator=g), dim=1)
+    y = torch.arange(24) % 4
+    expected = listwise_kl(x, t, y, tau=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = listwise_kl(x, t, y, tau=0.1)
+    assert inside.dtype == torch.float32
+    assert inside.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_lsd_ramp_teacher_and_gradients():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.5), Normalize())

@@ -74,15 +74,16 @@ def listwise_kl(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
 
     Each anchor's list holds its similarities to every item of the batch (itself included), those to
     other labels scaled by ``beta``; ``p = softmax(list / tau)``. The teacher is detached. Similarities
-    and the log-softmax are computed in float32 (or float64 for float64 inputs).
+    and the log-softmax are computed in float32 (or float64 for float64 inputs), with autocast disabled.
     """
-    s = as_compute_dtype(student)
-    dtype = s.dtype
-    t = teacher.detach().to(dtype)
-    scale = torch.where(labels[:, None] == labels[None, :], 1.0, beta).to(dtype)
-    log_ps = F.log_softmax(scale * (s @ s.T) / tau, dim=1)
-    log_pt = F.log_softmax(scale * (t @ t.T) / tau, dim=1)
-    return (log_pt.exp() * (log_pt - log_ps)).sum(1).mean()
+    with torch.autocast(student.device.type, enabled=False):
+        s = as_compute_dtype(student)
+        dtype = s.dtype
+        t = teacher.detach().to(dtype)
+        scale = torch.where(labels[:, None] == labels[None, :], 1.0, beta).to(dtype)
+        log_ps = F.log_softmax(scale * (s @ s.T) / tau, dim=1)
+        log_pt = F.log_softmax(scale * (t @ t.T) / tau, dim=1)
+        return (log_pt.exp() * (log_pt - log_ps)).sum(1).mean()
 
 
 @register("lsd")
