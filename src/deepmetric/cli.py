@@ -138,6 +138,8 @@ def benchmark(
     protocol: Annotated[Optional[Protocol], typer.Option(help="standard, or reality-check (Musgrave et al. 2020: "
                                                           "class-disjoint folds, separated and concatenated).")] = None,
     folds: Annotated[Optional[int], typer.Option(help="reality-check: folds of the training classes (default 4).")] = None,
+    baseline: Annotated[Optional[str], typer.Option(help="Paired differences in the table against 'untrained' "
+                        "(each run's network before training) or a variant (same config and seed).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the run folders and the tables.")] = Path("runs/benchmark"),
     overwrite: Annotated[bool, typer.Option(help="Rerun every run from scratch.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs and their state; train nothing.")] = False,
@@ -151,7 +153,7 @@ def benchmark(
         seed_list = [int(s) for item in seeds or [] for s in item.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds expects integers, e.g. --seeds 0,1,2; got {seeds}") from None
-    g = gridmod.make_grid(grid, config, set_, seed_list, protocol.value if protocol else None, folds)
+    g = gridmod.make_grid(grid, config, set_, seed_list, protocol.value if protocol else None, folds, baseline)
     if dry_run:
         for run in gridmod.plan(g, out):
             try:

@@ -123,7 +123,7 @@ def test_every_shipped_grid_plans_with_valid_components():
         runs = G.plan(G.make_grid(path), "unused")  # checks every run's config and component keywords
         assert runs and len({(r.variant, r.seed) for r in runs}) == len(runs), path.name
     proxy = G.plan(G.make_grid(ROOT / "grids" / "digits_proxy_losses.yaml"), "unused")
-    assert len(proxy) == 17 * 3 and all(r.cfg.train.select_on == "auto" and not r.cfg.data.val_classes for r in proxy)
+    assert len(proxy) == 19 * 3 and all(r.cfg.train.select_on == "auto" and not r.cfg.data.val_classes for r in proxy)
 
 
 def test_aggregate_mean_std_and_t_interval():
@@ -138,6 +138,68 @@ def test_aggregate_mean_std_and_t_interval():
     md = G.markdown_table([row], "standard")
     assert md.splitlines()[0] == "| config | variant | selected on | n | MAP@R | R@1 | MAP@R 95% CI |"
     assert "0.2000 ± 0.1414" in md and "[-1.0706, 1.4706]" in md and "WARNING" in md
+
+
+def _rec(variant, seed, map_r, r1, untrained=None):
+    extra = {} if untrained is None else {"untrained/map@r": untrained[0], "untrained/recall@1": untrained[1]}
+    return {"config": "c", "variant": variant, "view": "single", "seed": seed, "fold": "", "selected_on": "last",
+            "selected_epoch": 2, "folder": "x", "map@r": map_r, "recall@1": r1, **extra}
+
+
+def test_paired_differences_against_a_variant_by_hand():
+    recs = [_rec("base", 0, 0.30, 0.90), _rec("base", 1, 0.50, 0.80),
+            _rec("new", 0, 0.40, 0.85), _rec("new", 1, 0.55, 0.85), _rec("new", 2, 0.9, 0.9)]  # seed 2: no base
+    rows = {r["variant"]: r for r in G.aggregate(recs, {"new": "base"})}
+    new = rows["new"]
+    assert "baseline" not in rows["base"] and new["baseline"] == "base"
+    assert new["map@r_n_paired"] == 2 and new["map@r_delta_mean"] == pytest.approx(0.075)  # (0.10 + 0.05) / 2
+    assert new["map@r_delta_std"] == pytest.approx(0.05 / 2**0.5)
+    assert new["recall@1_delta_mean"] == pytest.approx(0.0)  # -0.05 and +0.05
+    assert new["recall@1_ge_baseline"] == 1 and new["map@r_ge_baseline"] == 2
+    assert new["map@r_mean"] == pytest.approx((0.40 + 0.55 + 0.9) / 3)  # the plain mean keeps every seed
+    md = G.markdown_table(list(rows.values()), "standard")
+    head = md.splitlines()[0]
+    assert head.endswith("| baseline | Δ MAP@R (paired) | Δ R@1 (paired) | seeds ≥ baseline (MAP@R, R@1) |")
+    assert "| base | +0.0750 ± 0.0354 | +0.0000 ± 0.0707 | 2/2, 1/2 |" in md
+    assert "**Δ (paired)**" in md
+
+
+def test_paired_differences_against_the_untrained_network():
+    recs = [_rec("a", 0, 0.30, 0.90, (0.35, 0.96)), _rec("a", 1, 0.40, 0.95, (0.36, 0.94)),
+            _rec("b", 0, 0.33, 0.97, (0.35, 0.96)), _rec("b", 1, 0.46, 0.93, (0.36, 0.94))]
+    rows = G.aggregate(recs, {"a": "untrained", "b": "untrained"})
+    a, b = rows
+    assert a["map@r_delta_mean"] == pytest.approx((-0.05 + 0.04) / 2) and a["recall@1_ge_baseline"] == 1
+    assert b["recall@1_delta_mean"] == pytest.approx((0.01 - 0.01) / 2) and b["map@r_ge_baseline"] == 1
+    assert a["untrained/map@r_mean"] == pytest.approx(0.355)
+    md = G.markdown_table(rows, "standard")
+    assert "−0.0050 ± " in md  # a real minus sign
+    assert "mean ± std over the seeds: MAP@R 0.3550 ± 0.0071, R@1 0.9500 ± 0.0141" in md
+    recs[2]["untrained/map@r"] = 0.1  # b's networks differ from a's: no single untrained figure
+    assert "untrained/* columns of results.csv" in G.markdown_table(G.aggregate(recs, {"a": "untrained", "b": "untrained"}), "standard")
+
+
+def test_baseline_resolution_and_errors(tmp_path):
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text("variants: {ms: [loss.name=multi_similarity], c: [loss.name=contrastive], "
+                         "t: [loss.name=triplet]}\nbaseline: ms\n")
+    assert G.make_grid(grid_file).baselines == {"c": "ms", "t": "ms"}
+    assert G.make_grid(grid_file, baseline="untrained").baselines == {v: "untrained" for v in ("ms", "c", "t")}
+    crossed = G.make_grid(grid_file, overrides=["seed=1", "optimizer.lr=0.1", "optimizer.lr=0.2"])
+    assert crossed.baselines["c optimizer.lr=0.1"] == "ms optimizer.lr=0.1"  # the same sweep value
+    grid_file.write_text("variants: {ms: [loss.name=multi_similarity], c: [loss.name=contrastive]}\n"
+                         "baseline: {c: ms}\n")
+    assert G.make_grid(grid_file).baselines == {"c": "ms"}
+    swept = G.make_grid(overrides=["loss.name=contrastive", "loss.name=triplet"], baseline="loss.name=triplet")
+    assert swept.baselines == {"loss.name=contrastive": "loss.name=triplet"}
+    for bad, match in (("nope", "must be 'untrained' or another variant"),):
+        with pytest.raises(ConfigError, match=match):
+            G.make_grid(grid_file, baseline=bad)
+    grid_file.write_text("variants: {ms: [loss.name=multi_similarity]}\nbaseline: {x: ms}\n")
+    with pytest.raises(ConfigError, match="'x' is not a variant"):
+        G.make_grid(grid_file)
+    with pytest.raises(ConfigError, match="needs the standard protocol"):
+        G.make_grid(overrides=["seed=0"], baseline="untrained", protocol="reality-check")
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -166,6 +228,18 @@ def test_cli_sweep_writes_the_tables_and_skips_finished_runs(tmp_path):
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and again.output.count("finished, skipped") == 4
     assert _csv(out / "results.csv") == rows
+
+    # the same finished runs, compared with their untrained networks (read from each run's epoch-0 record)
+    paired = CliRunner().invoke(app, [*args, "--baseline", "untrained"])
+    assert paired.exit_code == 0 and paired.output.count("finished, skipped") == 4
+    for run in _csv(out / "runs.csv"):
+        epoch0 = read_records(out / run["folder"])[0]
+        assert float(run["untrained/map@r"]) == pytest.approx(epoch0["test/map@r"])
+    for row in _csv(out / "results.csv"):
+        runs_of = [r for r in _csv(out / "runs.csv") if r["variant"] == row["variant"]]
+        deltas = [float(r["map@r"]) - float(r["untrained/map@r"]) for r in runs_of]
+        assert row["baseline"] == "untrained" and float(row["map@r_delta_mean"]) == pytest.approx(np.mean(deltas))
+    assert "each run's own network before training" in (out / "results.md").read_text()
 
 
 class Interrupt(Hook):

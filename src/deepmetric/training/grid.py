@@ -9,7 +9,9 @@ a regulariser), seeds and a protocol. Every run gets its own run folder under ``
 
 and the grid writes ``out/grid.yaml`` (the resolved grid), ``out/runs.csv`` (one row per run) and
 ``out/results.csv`` / ``out/results.md`` (mean, sample std and 95% t-interval over seeds), refreshed after
-every run. Running the same grid again skips finished runs (``summary.json`` present), resumes interrupted
+every run. With a ``baseline`` (``untrained``: each run's own network before training, i.e. its epoch-0
+test evaluation; or a variant: its run with the same config and seed) the tables add **paired**
+differences, variant minus baseline seed by seed (mean ± std), and how many seeds reach the baseline. Running the same grid again skips finished runs (``summary.json`` present), resumes interrupted
 ones from ``checkpoints/last.pt``, and refuses a folder holding a run of a different configuration.
 
 Protocols:
@@ -48,6 +50,7 @@ from deepmetric.errors import ConfigError, RunFolderError, UnknownNameError
 from deepmetric.training.config import RunConfig, check_components, load, parse_override
 
 PROTOCOLS = ("standard", "reality-check")
+UNTRAINED = "untrained"  # the baseline that is each run's own network before training
 #: protocol defaults, applied after the config file and before the grid's own overrides
 PROTOCOL_DEFAULTS = {"standard": [], "reality-check": ["model.embedding_size=128", "train.select_metric=map@r"]}
 METRIC_NAMES = {"map@r": "MAP@R", "r_precision": "R-Precision", "nmi": "NMI", "ami": "AMI", "f1": "F1", "map": "mAP"}
@@ -77,6 +80,9 @@ class GridFile(BaseModel):
     set: list[str] = Field(default_factory=list, description="overrides applied to every run")
     protocol: Literal["standard", "reality-check"] = "standard"
     folds: int = Field(4, ge=2, description="reality-check: class-disjoint folds of the training classes")
+    baseline: str | dict[str, str] | None = Field(
+        None, description="paired differences: 'untrained' (each run's epoch-0 evaluation), a variant name (the "
+        "run of that variant with the same config and seed), or {variant: baseline} for some variants")
 
 
 @dataclass
@@ -89,10 +95,12 @@ class Grid:
     overrides: list[str] = field(default_factory=list)
     protocol: str = "standard"
     folds: int = 4
+    baselines: dict[str, str] = field(default_factory=dict)  # variant -> its baseline variant, or UNTRAINED
 
     def to_dict(self) -> dict[str, Any]:
         return {"configs": {k: (str(v) if v else None) for k, v in self.configs.items()}, "variants": self.variants,
-                "seeds": self.seeds, "set": self.overrides, "protocol": self.protocol, "folds": self.folds}
+                "seeds": self.seeds, "set": self.overrides, "protocol": self.protocol, "folds": self.folds,
+                "baseline": self.baselines or None}
 
 
 @dataclass
@@ -131,6 +139,29 @@ def _variant_overrides(spec: list[str] | dict[str, Any]) -> list[str]:
     if isinstance(spec, dict):  # {key: value}: JSON is YAML, so the value parses back unchanged
         return [f"{k}={json.dumps(v)}" for k, v in spec.items()]
     return list(spec)
+
+
+def _baselines(spec: str | dict[str, str] | None, file_variants: Sequence[str], swept: Sequence[str],
+               protocol: str) -> dict[str, str]:
+    """Each variant's baseline (a variant name or ``untrained``) from the grid's ``baseline``, whose names are
+    the grid file's variants (or the swept ones when the file has none); a file variant crossed with a sweep
+    is compared with its baseline crossed with the same sweep."""
+    if spec is None:
+        return {}
+    named = list(file_variants) or list(swept) or ["default"]
+    per = {v: spec for v in named if v != spec} if isinstance(spec, str) else dict(spec)
+    for variant, base in per.items():
+        if variant not in named:
+            raise ConfigError(f"baseline: {variant!r} is not a variant; variants: {', '.join(named)}")
+        if base == variant or (base != UNTRAINED and base not in named):
+            others = ", ".join(n for n in named if n != variant) or "there is none"
+            raise ConfigError(f"baseline of {variant!r} must be {UNTRAINED!r} or another variant ({others}), "
+                              f"got {base!r}")
+    if UNTRAINED in per.values() and protocol != "standard":
+        raise ConfigError(f"baseline {UNTRAINED!r} needs the standard protocol; compare with a variant instead")
+    if file_variants and swept:
+        return {f"{a} {b}": (base if base == UNTRAINED else f"{base} {b}") for a, base in per.items() for b in swept}
+    return per
 
 
 def _config_names(paths: Sequence[Path]) -> dict[str, Path]:
@@ -174,9 +205,10 @@ def make_grid(
     seeds: Sequence[int] | None = None,
     protocol: str | None = None,
     folds: int | None = None,
+    baseline: str | None = None,
 ) -> Grid:
-    """Combine a grid file with command-line options: ``configs``, ``seeds``, ``protocol`` and ``folds`` replace
-    the file's; ``overrides`` (``--set``) come after the file's ``set``, and keys given several times are swept
+    """Combine a grid file with command-line options: ``configs``, ``seeds``, ``protocol``, ``folds`` and
+    ``baseline`` replace the file's; ``overrides`` (``--set``) come after the file's ``set``, and keys given several times are swept
     (:func:`sweep`), multiplying the file's variants."""
     spec = read_grid_file(grid_file) if grid_file is not None else GridFile()
     base = Path(grid_file).parent if grid_file is not None else None
@@ -203,7 +235,8 @@ def make_grid(
     folds = folds or spec.folds
     if folds < 2:
         raise ConfigError(f"the reality check needs at least 2 folds, got {folds}")
-    return Grid(named, variants, seeds, [*spec.set, *common], protocol, folds)
+    baselines = _baselines(baseline or spec.baseline, list(file_variants), list(swept), protocol)
+    return Grid(named, variants, seeds, [*spec.set, *common], protocol, folds, baselines)
 
 
 def _slug(name: str) -> str:
@@ -351,15 +384,27 @@ def run_grid(
         state = "new" if overwrite else run_state(run)
         echo(f"[{i}/{len(runs)}] {run.label}: {dict(done='finished, skipped', resume='resuming', new='training')[state]}")
         summary = train_run(run, state, progress=progress)
-        records.append(_record(run, "single" if run.fold is None else "fold", summary["test"],
-                               summary.get("selected"), out))
+        metrics = dict(summary["test"])
+        if grid.baselines.get(run.variant) == UNTRAINED:
+            metrics.update({f"{UNTRAINED}/{k}": v for k, v in untrained_metrics(run.folder).items()})
+        records.append(_record(run, "single" if run.fold is None else "fold", metrics, summary.get("selected"), out))
         if run.fold is not None:
             trial.append((run, summary, state))
             if run.fold == grid.folds - 1:
                 records += _trial_records(trial, out)
                 trial = []
-        write_tables(out, records, grid.protocol)
-    return aggregate(records)
+        write_tables(out, records, grid.protocol, grid.baselines)
+    return aggregate(records, grid.baselines)
+
+
+def untrained_metrics(folder: Path) -> dict[str, float]:
+    """The test metrics of a run's network before training: its epoch-0 evaluation in ``metrics.jsonl``."""
+    from deepmetric.training.runfolder import read_records
+
+    for record in read_records(folder):
+        if record.get("epoch") == 0 and "event" not in record:
+            return {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("test/")}
+    raise RunFolderError(f"{folder} has no epoch-0 evaluation in metrics.jsonl, so no untrained baseline")
 
 
 def _trial_records(trial: list[tuple[Run, dict[str, Any], str]], out: Path) -> list[dict[str, Any]]:
@@ -386,27 +431,48 @@ def _metric_keys(records: Sequence[dict[str, Any]]) -> list[str]:
     return [k for k in LEAD_METRICS if k in keys] + sorted(keys - set(LEAD_METRICS))
 
 
-def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (config, variant, view) of the single runs (standard) or trials (separated / concatenated):
-    ``n``, and per metric the mean, the sample standard deviation and the 95% t-interval half-width."""
+def _summarise(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean, sample standard deviation and 95% t-interval half-width (NaN where undefined)."""
     from scipy import stats
 
+    a, n = np.asarray(values, dtype=float), len(values)
+    std = float(a.std(ddof=1)) if n > 1 else math.nan
+    ci = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
+    return (float(a.mean()) if n else math.nan), std, ci
+
+
+def aggregate(records: Sequence[dict[str, Any]], baselines: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One row per (config, variant, view) of the single runs (standard) or trials (separated / concatenated):
+    ``n``, and per metric the mean, the sample standard deviation and the 95% t-interval half-width.
+
+    A variant with a baseline (``baselines[variant]``: a variant, or ``untrained``) also gets, per metric, the
+    paired differences ``d_s = metric(variant, seed s) − metric(baseline, seed s)`` over the seeds whose
+    baseline is known: ``<k>_delta_mean`` / ``_std`` / ``_ci95`` and ``<k>_ge_baseline`` (seeds with d_s ≥ 0)."""
+    baselines = baselines or {}
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in records:
         if r["view"] != "fold":
             groups.setdefault((r["config"], r["variant"], r["view"]), []).append(r)
+    by_seed = {(c, v, w, r["seed"]): r for (c, v, w), rs in groups.items() for r in rs}
     keys = _metric_keys(records)
     rows = []
     for (config, variant, view), rs in groups.items():
         row: dict[str, Any] = {"config": config, "variant": variant, "view": view,
                                "selected_on": ",".join(sorted({str(r["selected_on"]) for r in rs})), "n": len(rs)}
         for k in keys:
-            values = np.array([r[k] for r in rs if k in r], dtype=float)
-            n = values.size
-            std = float(values.std(ddof=1)) if n > 1 else math.nan
-            row[f"{k}_mean"] = float(values.mean()) if n else math.nan
-            row[f"{k}_std"] = std
-            row[f"{k}_ci95"] = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
+            row[f"{k}_mean"], row[f"{k}_std"], row[f"{k}_ci95"] = _summarise([r[k] for r in rs if k in r])
+        base = baselines.get(variant)
+        if base is not None:
+            row["baseline"] = base
+            for k in (k for k in keys if not k.startswith(f"{UNTRAINED}/")):
+                if base == UNTRAINED:
+                    pairs = [(r[k], r[f"{UNTRAINED}/{k}"]) for r in rs if k in r and f"{UNTRAINED}/{k}" in r]
+                else:
+                    refs = [(r, by_seed.get((config, base, view, r["seed"]))) for r in rs]
+                    pairs = [(r[k], b[k]) for r, b in refs if b is not None and k in r and k in b]
+                d = [a - b for a, b in pairs]
+                row[f"{k}_delta_mean"], row[f"{k}_delta_std"], row[f"{k}_delta_ci95"] = _summarise(d)
+                row[f"{k}_ge_baseline"], row[f"{k}_n_paired"] = sum(x >= 0 for x in d), len(d)
         rows.append(row)
     return rows
 
@@ -431,25 +497,45 @@ SELECTION_NOTES = {
 }
 
 
+def _mean_std(mean: float, std: float, signed: bool = False) -> str:
+    if math.isnan(mean):
+        return ""
+    text = f"{round(mean, 4) + 0.0:+.4f}".replace("-", "\u2212") if signed else f"{mean:.4f}"  # never "-0.0000"
+    return text + ("" if math.isnan(std) else f" ± {std:.4f}")
+
+
+#: metrics whose paired differences the Markdown table shows (all of them are in results.csv)
+PAIRED_COLUMNS = ("map@r", "recall@1")
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], protocol: str) -> str:
     """The Markdown results table: mean ± std per lead metric (MAP@R first), which split selected the
-    checkpoints, and MAP@R's 95% confidence interval."""
+    checkpoints, and MAP@R's 95% confidence interval; with baselines, the paired differences of MAP@R and
+    R@1 and the seeds at or above the baseline."""
     from deepmetric.training.report import LEAD_METRICS
 
     keys = [k for k in LEAD_METRICS if rows and f"{k}_mean" in rows[0]]
+    paired = [k for k in PAIRED_COLUMNS if any(f"{k}_delta_mean" in r for r in rows)]
     rc = protocol == "reality-check"
     head = ["config", "variant", *(["view"] if rc else []), "selected on", "n", *map(metric_label, keys)]
     if "map@r" in keys:
         head.append("MAP@R 95% CI")
+    if paired:
+        head += ["baseline", *(f"Δ {metric_label(k)} (paired)" for k in paired),
+                 f"seeds ≥ baseline ({', '.join(map(metric_label, paired))})"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         cells = [r["config"], r["variant"], *([r["view"]] if rc else []), r["selected_on"], str(r["n"])]
         for k in keys:
-            mean, std = r[f"{k}_mean"], r[f"{k}_std"]
-            cells.append(f"{mean:.4f}" + ("" if math.isnan(std) else f" ± {std:.4f}"))
+            cells.append(_mean_std(r[f"{k}_mean"], r[f"{k}_std"]))
         if "map@r" in keys:
             lo, hw = r["map@r_mean"], r["map@r_ci95"]
             cells.append("n/a" if math.isnan(hw) else f"[{lo - hw:.4f}, {lo + hw:.4f}]")
+        if paired:
+            has = "baseline" in r
+            cells.append(r.get("baseline", ""))
+            cells += [_mean_std(r[f"{k}_delta_mean"], r[f"{k}_delta_std"], signed=True) if has else "" for k in paired]
+            cells.append(", ".join(f"{r[f'{k}_ge_baseline']}/{r[f'{k}_n_paired']}" for k in paired) if has else "")
         lines.append("| " + " | ".join(cells) + " |")
     n_what = "trials (seeds)" if rc else "runs (seeds)"
     notes = [f"Protocol: **{protocol}**. Cells: mean ± sample standard deviation over the n {n_what}; "
@@ -460,12 +546,32 @@ def markdown_table(rows: Sequence[dict[str, Any]], protocol: str) -> str:
                      "fold embeddings joined into one embedding.")
     splits = {s for r in rows for s in str(r["selected_on"]).split(",") if s}
     notes += [SELECTION_NOTES[s] for s in ("val", "last", "test") if s in splits]
+    if paired:
+        notes.append("**Δ (paired)**: mean ± std over the seeds of (variant − baseline) with the same seed (and "
+                     "config); **seeds ≥ baseline**: seeds whose value is at least the baseline's.")
+    untrained = [r for r in rows if r.get("baseline") == UNTRAINED]
+    if untrained:
+        spread = {k: untrained_spread(untrained, k) for k in paired}
+        same = all(v is not None for v in spread.values())
+        values = (f"mean ± std over the seeds: {', '.join(f'{metric_label(k)} {_mean_std(*v)}' for k, v in spread.items())}"
+                  if same else f"the variants' networks differ, their values are the {UNTRAINED}/* columns of results.csv")
+        notes.append(f"**{UNTRAINED}**: each run's own network before training (its epoch-0 test evaluation); {values}.")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
-def write_tables(out: Path, records: Sequence[dict[str, Any]], protocol: str) -> list[dict[str, Any]]:
+def untrained_spread(rows: Sequence[dict[str, Any]], key: str) -> tuple[float, float] | None:
+    """Mean and std over the seeds of the untrained networks' ``key`` when every row compared with them had
+    the same ones (variants that share the network and seeds); None when they differ (see results.csv)."""
+    pairs = {tuple(repr(r.get(f"{UNTRAINED}/{key}_{s}")) for s in ("mean", "std")) for r in rows}
+    if len(pairs) != 1 or f"{UNTRAINED}/{key}_mean" not in rows[0]:
+        return None
+    return rows[0][f"{UNTRAINED}/{key}_mean"], rows[0][f"{UNTRAINED}/{key}_std"]
+
+
+def write_tables(out: Path, records: Sequence[dict[str, Any]], protocol: str,
+                 baselines: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Write ``runs.csv``, ``results.csv`` and ``results.md`` under ``out``; return the aggregated rows."""
-    rows = aggregate(records)
+    rows = aggregate(records, baselines)
     _write_csv(out / "runs.csv", records)
     _write_csv(out / "results.csv", [{"protocol": protocol, **r} for r in rows])
     (out / "results.md").write_text(markdown_table(rows, protocol))
