@@ -175,8 +175,12 @@ def test_paired_differences_against_the_untrained_network():
     md = G.markdown_table(rows, "standard")
     assert "−0.0050 ± " in md  # a real minus sign
     assert "mean ± std over the seeds: MAP@R 0.3550 ± 0.0071, R@1 0.9500 ± 0.0141" in md
-    recs[2]["untrained/map@r"] = 0.1  # b's networks differ from a's: no single untrained figure
-    assert "untrained/* columns of results.csv" in G.markdown_table(G.aggregate(recs, {"a": "untrained", "b": "untrained"}), "standard")
+    recs[2]["untrained/map@r"] = 0.1  # b's networks differ from a's: each is named
+    recs.append(_rec("c", 0, 0.3, 0.9, (0.35, 0.96)))
+    recs.append(_rec("c", 1, 0.3, 0.9, (0.36, 0.94)))
+    md = G.markdown_table(G.aggregate(recs, dict.fromkeys("abc", "untrained")), "standard")
+    assert ("over the seeds: MAP@R 0.3550 ± 0.0071, R@1 0.9500 ± 0.0141; b: MAP@R 0.2300 ± 0.1838, "
+            "R@1 0.9500 ± 0.0141.") in md
 
 
 def test_baseline_resolution_and_errors(tmp_path):

@@ -551,21 +551,23 @@ def markdown_table(rows: Sequence[dict[str, Any]], protocol: str) -> str:
                      "config); **seeds ≥ baseline**: seeds whose value is at least the baseline's.")
     untrained = [r for r in rows if r.get("baseline") == UNTRAINED]
     if untrained:
-        spread = {k: untrained_spread(untrained, k) for k in paired}
-        same = all(v is not None for v in spread.values())
-        values = (f"mean ± std over the seeds: {', '.join(f'{metric_label(k)} {_mean_std(*v)}' for k, v in spread.items())}"
-                  if same else f"the variants' networks differ, their values are the {UNTRAINED}/* columns of results.csv")
-        notes.append(f"**{UNTRAINED}**: each run's own network before training (its epoch-0 test evaluation); {values}.")
+        notes.append(f"**{UNTRAINED}**: each run's own network before training (its epoch-0 test evaluation); "
+                     f"mean ± std over the seeds: {untrained_text(untrained, paired)}.")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
-def untrained_spread(rows: Sequence[dict[str, Any]], key: str) -> tuple[float, float] | None:
-    """Mean and std over the seeds of the untrained networks' ``key`` when every row compared with them had
-    the same ones (variants that share the network and seeds); None when they differ (see results.csv)."""
-    pairs = {tuple(repr(r.get(f"{UNTRAINED}/{key}_{s}")) for s in ("mean", "std")) for r in rows}
-    if len(pairs) != 1 or f"{UNTRAINED}/{key}_mean" not in rows[0]:
-        return None
-    return rows[0][f"{UNTRAINED}/{key}_mean"], rows[0][f"{UNTRAINED}/{key}_std"]
+def untrained_text(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+    """The untrained networks' mean ± std of ``keys``: the value most rows share (variants with the same
+    network and seeds), then the variants whose networks score otherwise (e.g. another architecture)."""
+    def text(r: dict[str, Any]) -> str:
+        return ", ".join(f"{metric_label(k)} {_mean_std(r[f'{UNTRAINED}/{k}_mean'], r[f'{UNTRAINED}/{k}_std'])}"
+                         for k in keys if f"{UNTRAINED}/{k}_mean" in r)
+
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        groups.setdefault(text(r), []).append(r["variant"])
+    (common, _), *others = sorted(groups.items(), key=lambda item: -len(item[1]))
+    return common + "".join(f"; {', '.join(variants)}: {value}" for value, variants in others)
 
 
 def write_tables(out: Path, records: Sequence[dict[str, Any]], protocol: str,
