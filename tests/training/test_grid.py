@@ -183,6 +183,16 @@ def test_paired_differences_against_the_untrained_network():
             "R@1 0.9500 ± 0.0141.") in md
 
 
+def test_paired_differences_keep_the_reality_check_views_apart():
+    recs = [{**_rec(v, s, m, 0.9), "view": view} for v, view, s, m in
+            (("a", "separated", 0, 0.30), ("a", "concatenated", 0, 0.40), ("b", "separated", 0, 0.35),
+             ("b", "concatenated", 0, 0.38), ("a", "fold", 0, 0.99))]  # fold rows are not compared
+    rows = {(r["variant"], r["view"]): r for r in G.aggregate(recs, {"b": "a"})}
+    assert rows[("b", "separated")]["map@r_delta_mean"] == pytest.approx(0.05)
+    assert rows[("b", "concatenated")]["map@r_delta_mean"] == pytest.approx(-0.02)
+    assert rows[("b", "concatenated")]["map@r_ge_baseline"] == 0
+
+
 def test_baseline_resolution_and_errors(tmp_path):
     grid_file = tmp_path / "g.yaml"
     grid_file.write_text("variants: {ms: [loss.name=multi_similarity], c: [loss.name=contrastive], "
