@@ -55,35 +55,6 @@ def test_symmetric_pass_equals_chunked_pass(data, n, block, d):
         torch.testing.assert_close(sym[0], chunked[0], atol=1e-6, rtol=0)
 
 
-def test_symmetric_pass_restores_faiss_threads(data, monkeypatch):
-    """The pass runs faiss' heaps on one thread and gives faiss its thread count back, also after an error."""
-    import importlib
-
-    import faiss
-
-    knn_module = importlib.import_module("deepmetric.evaluation.knn")
-
-    x, _ = data("clustered", n=200, d=8)
-    op = torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(2)
-    try:
-        _knn_faiss_symmetric(op, 3, block=64)
-        assert faiss.omp_get_max_threads() == 2
-        seen = []
-
-        def failing_heaps(n, kk):
-            seen.append(faiss.omp_get_max_threads())
-            raise MemoryError("no room for the heaps")
-
-        monkeypatch.setattr(knn_module, "_new_heaps", failing_heaps)
-        with pytest.raises(MemoryError):
-            _knn_faiss_symmetric(op, 3, block=64)
-        assert seen == [1] and faiss.omp_get_max_threads() == 2
-    finally:
-        faiss.omp_set_num_threads(before)
-
-
 def test_symmetric_block_choice():
     assert symmetric_block(300, 2**30) == 0  # a single block: nothing to share
     assert 0 < symmetric_block(150, 2**17) < 150  # so PATHS' faiss case with 128 KiB runs the symmetric pass

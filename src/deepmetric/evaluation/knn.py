@@ -192,22 +192,7 @@ def _knn_faiss_symmetric(x_op: torch.Tensor, k: int, block: int) -> tuple[torch.
     entries, so a tie at the k-th place is seen and that row re-sorted exactly. All products have the
     same shape (the last block zero-padded): BLAS may round a dot product differently in products of
     different shapes, which would split ties between exact duplicates.
-
-    faiss' heaps run on one thread during the pass: faiss and torch each bring their own OpenMP runtime, and
-    faiss' threads, spinning after each heap update, took a core from the next product (the products ran
-    10-40 % slower than alone on 2 cores; the heap updates are no slower on one thread).
     """
-    import faiss
-
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        return _symmetric_pass(x_op, k, block)
-    finally:
-        faiss.omp_set_num_threads(threads)
-
-
-def _symmetric_pass(x_op: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     import faiss
 
     n = x_op.shape[0]
