@@ -11,8 +11,9 @@ and the grid writes ``out/grid.yaml`` (the resolved grid), ``out/runs.csv`` (one
 ``out/results.csv`` / ``out/results.md`` (mean, sample std and 95% t-interval over seeds), refreshed after
 every run. With a ``baseline`` (``untrained``: each run's own network before training, i.e. its epoch-0
 test evaluation; or a variant: its run with the same config and seed) the tables add **paired**
-differences, variant minus baseline seed by seed (mean ± std), and how many seeds reach the baseline. Running the same grid again skips finished runs (``summary.json`` present), resumes interrupted
-ones from ``checkpoints/last.pt``, and refuses a folder holding a run of a different configuration.
+differences, variant minus baseline seed by seed (mean ± std), and how many seeds reach the baseline.
+Running the same grid again skips finished runs (``summary.json`` present), resumes interrupted ones from
+``checkpoints/last.pt``, and refuses a folder holding a run of a different configuration.
 
 Protocols:
 
@@ -208,8 +209,8 @@ def make_grid(
     baseline: str | None = None,
 ) -> Grid:
     """Combine a grid file with command-line options: ``configs``, ``seeds``, ``protocol``, ``folds`` and
-    ``baseline`` replace the file's; ``overrides`` (``--set``) come after the file's ``set``, and keys given several times are swept
-    (:func:`sweep`), multiplying the file's variants."""
+    ``baseline`` replace the file's; ``overrides`` (``--set``) come after the file's ``set``, and keys given
+    several times are swept (:func:`sweep`), multiplying the file's variants."""
     spec = read_grid_file(grid_file) if grid_file is not None else GridFile()
     base = Path(grid_file).parent if grid_file is not None else None
     if configs:
@@ -379,6 +380,7 @@ def run_grid(
     out.mkdir(parents=True, exist_ok=True)
     (out / "grid.yaml").write_text(yaml.safe_dump(grid.to_dict(), sort_keys=False))
     records: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     trial: list[tuple[Run, dict[str, Any], str]] = []
     for i, run in enumerate(runs, 1):
         state = "new" if overwrite else run_state(run)
@@ -387,14 +389,15 @@ def run_grid(
         metrics = dict(summary["test"])
         if grid.baselines.get(run.variant) == UNTRAINED:
             metrics.update({f"{UNTRAINED}/{k}": v for k, v in untrained_metrics(run.folder).items()})
-        records.append(_record(run, "single" if run.fold is None else "fold", metrics, summary.get("selected"), out))
+        view = "single" if run.fold is None else "fold"
+        records.append(_record(run, view, metrics, summary.get("selected"), out))
         if run.fold is not None:
             trial.append((run, summary, state))
             if run.fold == grid.folds - 1:
                 records += _trial_records(trial, out)
                 trial = []
-        write_tables(out, records, grid.protocol, grid.baselines)
-    return aggregate(records, grid.baselines)
+        rows = write_tables(out, records, grid.protocol, grid.baselines)
+    return rows
 
 
 def untrained_metrics(folder: Path) -> dict[str, float]:
