@@ -193,6 +193,20 @@ def test_paired_differences_keep_the_reality_check_views_apart():
     assert rows[("b", "concatenated")]["map@r_ge_baseline"] == 0
 
 
+def test_untrained_metrics_come_from_the_epoch0_record_or_a_clear_error(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with pytest.raises(RunFolderError, match="no epoch-0 evaluation in metrics.jsonl"):
+        G.untrained_metrics(folder)  # no metrics.jsonl at all
+    (folder / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test/map@r": 0.5}) + "\n")
+    with pytest.raises(RunFolderError, match="so no untrained baseline"):
+        G.untrained_metrics(folder)
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"epoch": 0, "event": "diverged"}, {"epoch": 0, "test/map@r": 0.3, "val/map@r": 0.6, "test/recall@1": 0.9},
+        {"epoch": 1, "test/map@r": 0.5})) + "\n")
+    assert G.untrained_metrics(folder) == {"map@r": 0.3, "recall@1": 0.9}
+
+
 def test_baseline_resolution_and_errors(tmp_path):
     grid_file = tmp_path / "g.yaml"
     grid_file.write_text("variants: {ms: [loss.name=multi_similarity], c: [loss.name=contrastive], "
