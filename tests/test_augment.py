@@ -17,7 +17,8 @@ from deepmetric.augment.iaa import class_moments, correction_weight, merge_momen
 from deepmetric.errors import ConfigError, LabelError
 from deepmetric.pairing import PairRule, pair_indices
 from deepmetric.training.config import load
-from deepmetric.training.objective import StepInputs, build_objective
+from deepmetric.step import StepInputs
+from deepmetric.training.objective import build_objective
 from deepmetric.training.optim import param_groups
 
 C, D = 4, 8

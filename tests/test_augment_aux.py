@@ -10,7 +10,8 @@ from deepmetric import augment, losses, miners
 from deepmetric.errors import ConfigError
 from deepmetric.training import Hook, Trainer, load
 from deepmetric.training.config import check_components
-from deepmetric.training.objective import StepInputs, build_objective
+from deepmetric.step import StepInputs
+from deepmetric.training.objective import build_objective
 from deepmetric.training.runfolder import read_records
 
 C, D, B = 4, 8, 12

@@ -15,7 +15,7 @@ from deepmetric.errors import ConfigError
 from deepmetric.proxies import CCPProxyReplacement, class_pool, kcenter, soft_normalize
 from deepmetric.training import Hook, Trainer, load
 from deepmetric.training.build import unaugmented
-from deepmetric.training.embed import embed
+from deepmetric.inference import embed
 from deepmetric.training.runfolder import read_records
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from deepmetric import regularizers
 from deepmetric.errors import ConfigError
 from deepmetric.regularizers import ListwiseSelfDistillation, SphericalEmbeddingConstraint, listwise_kl
-from deepmetric.training.objective import StepInputs
+from deepmetric.step import StepInputs
 
 
 def step_for(raw, labels=None, *, inputs=None, model=None, epoch=2, epochs=4):

@@ -15,7 +15,8 @@ from deepmetric.pairing import pair_indices
 from deepmetric.regularizers import ProximalRegularizer
 from deepmetric.samplers import FixedRepresentativeSampler
 from deepmetric.training import Hook, Trainer, load
-from deepmetric.training.objective import StepInputs, build_objective
+from deepmetric.step import StepInputs
+from deepmetric.training.objective import build_objective
 from deepmetric.training.runfolder import read_records
 
 

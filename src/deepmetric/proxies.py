@@ -6,7 +6,7 @@ projections: train the network with the proxies fixed in role, then project the 
 re-placing them with embeddings of deliberately chosen training samples (k-center), and repeat, each
 time proximally regularising the network towards the best weights so far.
 
-:class:`CCPProxyReplacement` is a trainer :class:`~deepmetric.training.hooks.Hook` that works with every
+:class:`CCPProxyReplacement` is a trainer :class:`~deepmetric.hooks.Hook` that works with every
 proxy loss (any :class:`~deepmetric.losses.proxy.ProxyLoss` in the objective; proxy ``c·K + k`` is proxy k
 of class c). Enable it from a config with ``proxies: {ccp: true}``.
 
@@ -38,7 +38,7 @@ schedule. The optimiser state of re-placed proxies is kept (as the reference) un
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,12 +46,8 @@ import torch
 from deepmetric.data.base import Subset
 from deepmetric.errors import ConfigError
 from deepmetric.losses.proxy import ProxyLoss
-from deepmetric.training.build import unaugmented
-from deepmetric.training.embed import embed
-from deepmetric.training.hooks import Hook
-
-if TYPE_CHECKING:
-    from deepmetric.training.trainer import Trainer
+from deepmetric.hooks import Hook, TrainerView
+from deepmetric.inference import embed
 
 
 def soft_normalize(v: torch.Tensor) -> torch.Tensor:
@@ -122,7 +118,7 @@ class CCPProxyReplacement(Hook):
         self._pool_data = None  # the training split without augmentation, built at the first placement
 
     # ------------------------------------------------------------------------------------ hook events
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         if self.every is None and trainer.select_on == "last":
             raise ConfigError(
                 "proxies.ccp re-places the proxies when the validation metric stops improving: set "
@@ -131,7 +127,7 @@ class CCPProxyReplacement(Hook):
         if self.placements == 0:  # not on resume: the restored state already has the placement
             self.replace(trainer, seeded=False)
 
-    def on_batch_end(self, trainer: Trainer, epoch: int, iteration: int, loss: float) -> None:
+    def on_batch_end(self, trainer: TrainerView, epoch: int, iteration: int, loss: float) -> None:
         if self.lam == 0 or not self.anchor:
             return
         named = dict(trainer.model.named_parameters())
@@ -142,7 +138,7 @@ class CCPProxyReplacement(Hook):
                     if id(p) in ids and name in self.anchor:
                         p.sub_(group["lr"] * self.lam * (p - self.anchor[name].to(p.device)))
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, epoch: int, metrics: dict[str, Any]) -> None:
         if epoch >= trainer.config.train.epochs:
             return
         if self.every is not None:
@@ -166,18 +162,18 @@ class CCPProxyReplacement(Hook):
 
     # ------------------------------------------------------------------------------------ placement
     @staticmethod
-    def targets(trainer: Trainer) -> dict[str, ProxyLoss]:
+    def targets(trainer: TrainerView) -> dict[str, ProxyLoss]:
         found = {n: m for n, m in trainer.objective.named_modules() if isinstance(m, ProxyLoss)}
         if not found:
             raise ConfigError("proxies.ccp re-places the proxies of a proxy loss, but the objective has none "
                               "(e.g. loss.name=proxy_anchor)")
         return found
 
-    def replace(self, trainer: Trainer, seeded: bool) -> None:
+    def replace(self, trainer: TrainerView, seeded: bool) -> None:
         """Re-place every proxy loss's proxies by k-center picks among freshly embedded pool samples."""
         targets = self.targets(trainer)
         if self._pool_data is None:
-            self._pool_data = unaugmented(trainer.config, trainer.splits.train)
+            self._pool_data = trainer.unaugmented_train()
         train = self._pool_data
         labels = trainer.label_map[torch.as_tensor(train.labels)].numpy()
         num_classes = int(labels.max()) + 1

@@ -1,6 +1,6 @@
 """Regularisers: terms of a training objective that act beside a metric loss.
 
-Contract: ``regularizer(step) -> scalar``, where ``step`` is the :class:`~deepmetric.training.objective.StepInputs`
+Contract: ``regularizer(step) -> scalar``, where ``step`` is the :class:`~deepmetric.step.StepInputs`
 of the current training step (the loss's embeddings and labels, the embeddings before L2-normalisation,
 the batch inputs, the model, the epoch). A regulariser takes only what it needs from it; nothing is
 global. Regularisers that must act between steps override :meth:`Regularizer.on_epoch_end`, which the
@@ -23,7 +23,7 @@ from deepmetric.errors import ConfigError
 from deepmetric.registry import Registry
 
 if TYPE_CHECKING:
-    from deepmetric.training.objective import StepInputs
+    from deepmetric.step import StepInputs
 
 REGULARIZERS: Registry[nn.Module] = Registry("regularizer")
 register = REGULARIZERS.register

@@ -11,7 +11,8 @@ from deepmetric.errors import ConfigError, UnknownNameError
 from deepmetric.regularizers import SphericalEmbeddingConstraint
 from deepmetric.training import Trainer
 from deepmetric.training.config import check_components, load
-from deepmetric.training.objective import Objective, StepInputs, build_objective
+from deepmetric.step import StepInputs
+from deepmetric.training.objective import Objective, build_objective
 from deepmetric.training.runfolder import read_records
 
 TERMS = "objective=[{name: multi_similarity}, {name: sec, weight: 0.5}]"

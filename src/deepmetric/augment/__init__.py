@@ -42,7 +42,7 @@ from deepmetric.registry import Registry
 from deepmetric.validation import check_embeddings, check_labels
 
 if TYPE_CHECKING:
-    from deepmetric.training.trainer import Trainer
+    from deepmetric.hooks import TrainerView
 
 AUGMENTERS: Registry[nn.Module] = Registry("augmenter")
 register = AUGMENTERS.register
@@ -78,10 +78,10 @@ class Augmenter(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, raw: torch.Tensor | None = None) -> Augmented:
         raise NotImplementedError
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         """Called by the trainer before the first epoch (also on resume, after the state is restored)."""
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_end(self, trainer: TrainerView, epoch: int) -> None:
         """Called by the trainer after epoch ``epoch`` (1-based), before the checkpoint is written."""
 
     @staticmethod

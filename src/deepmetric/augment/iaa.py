@@ -13,7 +13,7 @@ from deepmetric.distances import as_compute_dtype
 from deepmetric.errors import ConfigError
 
 if TYPE_CHECKING:
-    from deepmetric.training.trainer import Trainer
+    from deepmetric.hooks import TrainerView
 
 
 def class_moments(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, ...]:
@@ -153,19 +153,19 @@ class IntraClassAdaptiveAugmentation(Augmenter):
             corrected = (1 - alpha) * self.variance + alpha * ((1 - self.gamma) * nb + self.gamma * glob)
         self.generation_variance = corrected
 
-    def _estimate_from(self, trainer: Trainer) -> None:
-        from deepmetric.training.embed import embed  # lazy: the training package imports this one
+    def _estimate_from(self, trainer: TrainerView) -> None:
+        from deepmetric.inference import embed  # lazy: deepmetric.inference imports the data package, which imports this one
 
         raw, labels = embed(trainer.model, trainer.splits.train, trainer.config.eval.batch_size, trainer.device,
                             amp=trainer.use_amp, raw=True)
         self.estimate(raw.to(self.mean.device), trainer.label_map[labels].to(self.mean.device))
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         self.progress = (trainer.epoch + 1) / trainer.config.train.epochs
         if self.start_epoch == 0 and not bool(self.amount.any()):  # not on resume: the estimate is restored
             self._estimate_from(trainer)
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_end(self, trainer: TrainerView, epoch: int) -> None:
         epochs = trainer.config.train.epochs
         self.progress = (epoch + 1) / epochs
         if epoch >= self.start_epoch and (epoch - self.start_epoch) % self.every == 0 and epoch < epochs:

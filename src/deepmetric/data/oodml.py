@@ -312,7 +312,7 @@ def dataset_features(dataset: MetricDataset, extractor: torch.nn.Module | None =
     """Per-item features for the class statistics: ``extractor``'s outputs, else the raw inputs flattened
     (a :class:`FeaturesDataset`'s rows; ``raw_features()`` where the data set has it)."""
     if extractor is not None:
-        from deepmetric.training.embed import embed  # lazy: the training package imports the data package
+        from deepmetric.inference import embed  # lazy: deepmetric.inference imports the data package
 
         return embed(extractor, dataset, batch_size, device)[0].numpy()
     if isinstance(dataset, FeaturesDataset):

@@ -27,7 +27,8 @@ from torch import nn
 
 from deepmetric.errors import ConfigError
 from deepmetric.fewshot.config import TargetFit
-from deepmetric.training.objective import Objective, StepInputs
+from deepmetric.step import StepInputs
+from deepmetric.training.objective import Objective
 
 
 class StoppingRule:

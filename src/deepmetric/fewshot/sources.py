@@ -11,7 +11,7 @@ from torch import nn
 
 from deepmetric.data.base import MetricDataset, Subset
 from deepmetric.training.config import RunConfig, dump
-from deepmetric.training.embed import embed
+from deepmetric.inference import embed
 from deepmetric.training.evaluate_run import load_run_model
 
 

@@ -12,7 +12,7 @@ from deepmetric.data.base import MetricDataset, Subset, class_folds, select_clas
 from deepmetric.data.transforms import normalization_for
 from deepmetric.models import EmbeddingModel
 from deepmetric.training.config import RunConfig, check_components
-from deepmetric.training.hooks import Hook
+from deepmetric.hooks import Hook
 
 
 @dataclass

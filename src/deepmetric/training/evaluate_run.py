@@ -12,7 +12,7 @@ from torch import nn
 
 from deepmetric.training.build import Splits, build_model, build_splits, resolve_device
 from deepmetric.training.config import EvalConfig, RunConfig, load
-from deepmetric.training.embed import embed
+from deepmetric.inference import embed
 
 
 def evaluate_model(

@@ -1,7 +1,7 @@
 """The training objective: a weighted set of terms (losses and regularisers), each logged separately.
 
 ``objective: [{name: multi_similarity}, {name: sec, weight: 0.5}]`` in a config builds
-``L = Σ_t w_t · L_t``. Every term receives what it needs from one :class:`StepInputs` per step:
+``L = Σ_t w_t · L_t``. Every term receives what it needs from one :class:`~deepmetric.step.StepInputs` per step:
 
 * a **loss** (registry ``deepmetric.losses``) is called with the loss contract
   ``loss(embeddings, labels, indices)``; a pair-based or ranking loss also gets the miner's ``indices``
@@ -17,7 +17,7 @@
   classes (:func:`deepmetric.augment.proxy_loss_with_classes`).
 * a **regulariser** (registry ``deepmetric.regularizers``) is called as ``regularizer(step)``.
 * with an augmenter's ``aux_loss`` (DAS), every loss is evaluated twice, on the real rows alone (their own
-  mined indices; :meth:`StepInputs.real_rows`) and on real ∪ synthetic rows: ``w_t·(L_t(real) +
+  mined indices; :meth:`~deepmetric.step.StepInputs.real_rows`) and on real ∪ synthetic rows: ``w_t·(L_t(real) +
   aux_weight·L_t(all))``, the first logged as the term ``<name>/real``.
 
 A term made of several parts (``hybrid``, ``ensemble``) leaves its last step's parts in a ``last_parts``
@@ -30,53 +30,16 @@ Constructor parameters ``num_classes``, ``embedding_size``, ``num_samples``, ``m
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from deepmetric import losses, regularizers
-from deepmetric.augment import ClassMix, proxy_loss_with_classes
+from deepmetric.augment import proxy_loss_with_classes
 from deepmetric.errors import ConfigError, UnknownNameError, suggest
-from deepmetric.pairing import PairRule, pair_indices
 from deepmetric.registry import Registry
-
-
-@dataclass
-class StepInputs:
-    """Everything a term may use in one training step (``N = B`` + synthetic rows of an augmenter).
-
-    ``embeddings [N, D]``/``labels [N]`` (0..C-1) are what losses see; ``is_synthetic [N]`` marks rows an
-    augmenter added; ``raw [B, D]`` is the head output before L2-normalisation and ``inputs`` the batch
-    given to the model (real rows only); ``sample_ids [B]`` are the data-set indices of the real rows;
-    ``indices`` the miner's tuples (or None); ``memory`` the cross-batch memory's ``(embeddings,
-    labels)`` when it is in use and non-empty; ``epoch`` is 1-based, of ``epochs``; ``pairs`` and ``classes``
-    say which rows pair up and which synthetic classes exist (see the module docstring), ``indices`` then
-    being over ``pairs``' anchors and references.
-    """
-
-    embeddings: torch.Tensor
-    labels: torch.Tensor
-    raw: torch.Tensor
-    inputs: torch.Tensor
-    sample_ids: torch.Tensor
-    is_synthetic: torch.Tensor
-    model: nn.Module
-    epoch: int
-    epochs: int
-    indices: tuple[torch.Tensor, ...] | None = None
-    memory: tuple[torch.Tensor, torch.Tensor] | None = None
-    pairs: PairRule | None = None
-    classes: ClassMix | None = None
-
-    def real_rows(self, miner: nn.Module | None, pairs: PairRule | None = None) -> StepInputs:
-        """This step restricted to its real rows (the first ``B``), mined anew with ``miner`` under the rule
-        ``pairs`` (the sampler's), without synthetic classes."""
-        b = self.sample_ids.shape[0]
-        x, y = self.embeddings[:b], self.labels[:b]
-        return replace(self, embeddings=x, labels=y, is_synthetic=self.is_synthetic[:b],
-                       indices=pair_indices(miner, x, y, pairs), pairs=pairs, classes=None)
+from deepmetric.step import StepInputs
 
 
 def term_registry(name: str) -> Registry:

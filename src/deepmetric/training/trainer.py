@@ -22,16 +22,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from deepmetric import augment, evaluation, samplers
+from deepmetric.data.base import MetricDataset
 from deepmetric.errors import ConfigError, TrainingDivergedError
+from deepmetric.hooks import Hook
+from deepmetric.inference import embed
 from deepmetric.memory import CrossBatchMemory
 from deepmetric.pairing import pair_indices
+from deepmetric.step import StepInputs
 from deepmetric.training import checkpoint, runfolder
-from deepmetric.training.build import build_hooks, build_miner, build_model, build_splits, check_components, resolve_device
+from deepmetric.training.build import (build_hooks, build_miner, build_model, build_splits, check_components,
+                                       resolve_device, unaugmented)
 from deepmetric.training.config import RunConfig, dump
-from deepmetric.training.embed import embed
 from deepmetric.training.evaluate_run import evaluate_model
-from deepmetric.training.hooks import Hook
-from deepmetric.training.objective import StepInputs, build_objective
+from deepmetric.training.objective import build_objective
 from deepmetric.training.optim import build_optimizer, build_scheduler
 
 
@@ -116,6 +119,10 @@ class Trainer:
         self.select_on = select_on
         self.epoch = 0  # completed epochs
         self.best: dict[str, Any] | None = None
+
+    def unaugmented_train(self) -> MetricDataset:
+        """The training split (same items, same order) without random input augmentation."""
+        return unaugmented(self.config, self.splits.train)
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, dict[str, float]]:
