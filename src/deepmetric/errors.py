@@ -49,6 +49,18 @@ class RunFolderError(DeepMetricError, FileExistsError):
     """The output folder already holds a run (use --resume or --overwrite), or is not a run folder."""
 
 
+class SearchIndexError(DeepMetricError, ValueError):
+    """A search index folder is missing or malformed, or does not fit the model or queries used with it."""
+
+
+class CalibrationError(DeepMetricError, ValueError):
+    """A match threshold cannot be chosen (unlabelled set, unreachable target) or none is stored."""
+
+
+class ExportError(DeepMetricError, RuntimeError):
+    """A model cannot be exported, or an exported model does not reproduce the PyTorch one."""
+
+
 def suggest(name: str, choices: Iterable[str]) -> str:
     """Return ' Did you mean 'x'?' for the closest choice, or '' if nothing is close."""
     close = difflib.get_close_matches(name, list(choices), n=1)

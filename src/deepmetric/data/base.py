@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from deepmetric.data.images import load_rgb
 from deepmetric.errors import ConfigError, DataError
 from deepmetric.validation import as_int_labels
 
@@ -28,6 +30,14 @@ class MetricDataset:
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         raise NotImplementedError
+
+    def picture(self, index: int) -> Image.Image:
+        """Item ``index`` as an RGB picture a person can look at: its image file (``self.paths``), or what a
+        data set without files (``digits``) renders."""
+        paths = getattr(self, "paths", None)
+        if paths is None:
+            raise DataError(f"{type(self).__name__} has no image files and no way to draw its items")
+        return load_rgb(paths[index])
 
     @property
     def num_classes(self) -> int:
@@ -53,6 +63,9 @@ class Subset(MetricDataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         return self.dataset[int(self.indices[index])]
+
+    def picture(self, index: int) -> Image.Image:
+        return self.dataset.picture(int(self.indices[index]))
 
     def __getattr__(self, name: str) -> Any:  # e.g. `images`, `transform` of the wrapped data set
         if name == "dataset":
