@@ -1,4 +1,4 @@
-"""The ``deepmetric`` command line: train, evaluate, benchmark, tune, demo, transfer, ood, list, config."""
+"""The ``deepmetric`` command line: train, evaluate, benchmark, tune, demo, transfer, ood, serve, list, config."""
 
 from __future__ import annotations
 
@@ -318,6 +318,26 @@ def ood(
     run_ood(cfg, out, overwrite=overwrite, progress=progress, echo=_echo)
     _echo((out / "results.md").read_text())
     _echo(f"tables: {out / 'results.md'}, {out / 'results.csv'}; plot: {out / 'ood.png'}")
+
+
+@app.command()
+@friendly
+def serve(
+    index: Annotated[Path, typer.Argument(help="Index folder (from `deepmetric index`).")],
+    model: Annotated[Optional[Path], typer.Option(help="Run folder or exported .onnx (default: the index's run).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 exposes it to the network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    k: Annotated[int, typer.Option("--k", help="Hits per search unless the request asks otherwise.")] = 8,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest image upload accepted, in MiB.")] = 4.0,
+) -> None:
+    """Serve INDEX: a web page (upload or pick a query image, see its top-k) and a JSON API (/search, /health)."""
+    import uvicorn
+
+    from deepmetric.product.serve import create_app
+
+    web = create_app(index, model=model, k_default=k, max_upload_bytes=int(max_upload_mb * 2**20))
+    _echo(f"serving {index} on http://{host}:{port}/ (Ctrl+C stops)")
+    uvicorn.run(web, host=host, port=port, log_level="warning")
 
 
 if __name__ == "__main__":  # pragma: no cover

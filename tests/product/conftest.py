@@ -16,3 +16,13 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("product") / "run"
     Trainer(load(None, RUN_OVERRIDES), out, progress=False).fit()
     return out
+
+
+@pytest.fixture(scope="session")
+def index_dir(run_dir):
+    """The run's test split (digits 5-9, 896 items) embedded and indexed (flat, cosine), no threshold."""
+    from deepmetric.product import SearchIndex, embed_data, load_embedder
+
+    out = run_dir.parent / "index"
+    SearchIndex.from_embeddings(embed_data(load_embedder(run_dir, device="cpu"))).save(out)
+    return out
