@@ -1,4 +1,5 @@
-"""The ``deepmetric`` command line: train, evaluate, benchmark, tune, demo, transfer, ood, serve, list, config."""
+"""The ``deepmetric`` command line: train, evaluate, benchmark, tune, demo, transfer, ood, embed, index, search,
+calibrate, match, export, serve, list, config."""
 
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show progress bars and per-epoch lines.")] = True,
 ) -> None:
     """Train an embedding model; writes config, metrics.jsonl, checkpoints and a report to the run folder."""
+    from deepmetric import distributed
     from deepmetric.training import Trainer, config as cfgmod
     from deepmetric.training.report import selection_text
 
@@ -76,12 +78,19 @@ def train(
     else:
         cfg = cfgmod.load(config, set_)
     if out is None:
+        if distributed.launched_by_torchrun():
+            raise typer.BadParameter("under torchrun all processes write one run folder: give --out RUN_DIR")
         out = Path("runs") / f"{cfg.data.name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        summary = Trainer(cfg, out, resume=resume, overwrite=overwrite, progress=progress).fit()
+        trainer = Trainer(cfg, out, resume=resume, overwrite=overwrite, progress=progress)
+        summary = trainer.fit()
     except KeyboardInterrupt:
         err_console.print(f"interrupted. Continue from the last checkpoint with: deepmetric train --out {out} --resume")
         raise typer.Exit(130) from None
+    finally:
+        distributed.shutdown()
+    if trainer.rank:  # rank 0 of a torchrun launch prints
+        return
     out_console.print(metrics_table({**summary["baselines"], "trained": summary["test"]}, f"test metrics ({cfg.data.name})"))
     out_console.print(selection_text(summary["selected"]))
     out_console.print(f"run folder: {out}\nreport: {out / 'report' / 'report.html'}")
@@ -318,6 +327,187 @@ def ood(
     run_ood(cfg, out, overwrite=overwrite, progress=progress, echo=_echo)
     _echo((out / "results.md").read_text())
     _echo(f"tables: {out / 'results.md'}, {out / 'results.csv'}; plot: {out / 'ood.png'}")
+
+
+class IndexKind(str, Enum):
+    auto = "auto"
+    flat = "flat"
+    hnsw = "hnsw"
+    ivfpq = "ivfpq"
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+
+
+CheckpointOpt = Annotated[str, typer.Option(help="Which checkpoint of a run folder: best or last.")]
+ImageOpt = Annotated[Optional[list[Path]], typer.Option("--image", help="Query picture (repeatable); embedded by the "
+                                                        "index's model (or --model).")]
+EmbeddingOpt = Annotated[Optional[Path], typer.Option("--embedding", help="Embeddings file (.npz/.parquet/.npy): "
+                                                      "every row is a query.")]
+IdOpt = Annotated[Optional[list[str]], typer.Option("--id", help="A gallery item's id as the query (repeatable).")]
+ModelOpt = Annotated[Optional[Path], typer.Option(help="Run folder or exported .onnx that embeds --image "
+                                                  "(default: the one the index was built from).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _hits_output(names: list[str], hits: list, as_json: bool, title: str) -> None:
+    import json
+
+    if as_json:
+        typer.echo(json.dumps([{"query": n, "hits": [h.to_dict() for h in hs]} for n, hs in zip(names, hits)], indent=2))
+        return
+    for name, hs in zip(names, hits):
+        table = Table(title=f"{title} {name}")
+        for col, justify in (("rank", "right"), ("id", "left"), ("label", "right"), ("distance", "right"),
+                             ("match", "left"), ("path", "left")):
+            table.add_column(col, justify=justify)
+        for h in hs:
+            table.add_row(str(h.rank), h.id, "" if h.label is None else str(h.label), f"{h.distance:.4f}",
+                          "" if h.match is None else ("yes" if h.match else "no"), h.path or "")
+        out_console.print(table)
+
+
+def _queries(index, image, embedding, id_, model, checkpoint):
+    from deepmetric.product.queries import index_embedder, load_queries
+
+    embedder = index_embedder(index, model, checkpoint) if image else None
+    return load_queries(index, images=image or (), embeddings=embedding, ids=id_ or (), embedder=embedder)
+
+
+@app.command()
+@friendly
+def embed(
+    model: Annotated[Path, typer.Argument(help="A run folder (from `deepmetric train`) or an exported .onnx.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Embeddings file; the suffix picks the format: .npz, "
+                                      ".parquet or .npy (+ .npy.json with ids, labels, paths).")],
+    data: Annotated[Optional[str], typer.Option(help="A registered data set (`deepmetric list datasets`) or a folder "
+                                                "with one sub-folder of images per class (default: the run's).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split to embed (default: test; all for a folder).")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="Data set folder (default: the run's data.root).")] = None,
+    checkpoint: CheckpointOpt = "best",
+    batch_size: Annotated[int, typer.Option(min=1, help="Items per forward pass.")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Embed a data set with a trained model: vectors with sample ids, labels and image paths, in one file."""
+    from deepmetric.product import embed_data, load_embedder
+
+    embedder = load_embedder(model, checkpoint, device)
+    file = embed_data(embedder, data, split, None if root is None else str(root), batch_size, progress)
+    file.save(out)
+    _echo(f"wrote {len(file)} embeddings of size {file.vectors.shape[1]} ({file.metadata['data']['name']}, split "
+          f"{file.metadata['data']['split']}) to {out}")
+
+
+@app.command("index")
+@friendly
+def index_(
+    embeddings: Annotated[Path, typer.Argument(help="Embeddings file from `deepmetric embed` (.npz/.parquet/.npy).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Index folder to write (index.faiss, items.npz, "
+                                      "metadata.json).")],
+    kind: Annotated[IndexKind, typer.Option(help="flat (exact), hnsw or ivfpq (approximate); auto: flat below "
+                                            "50,000 items, HNSW below 2 million, IVF-PQ above.")] = IndexKind.auto,
+    overwrite: Annotated[bool, typer.Option(help="Replace an index already in --out.")] = False,
+) -> None:
+    """Build a faiss search index over embeddings; an approximate one reports its recall against exact search."""
+    from deepmetric.errors import SearchIndexError
+    from deepmetric.product import Embeddings, SearchIndex
+
+    if (out / "index.faiss").exists() and not overwrite:
+        raise SearchIndexError(f"{out} already holds an index: pass --overwrite to replace it")
+    built = SearchIndex.from_embeddings(Embeddings.load(embeddings), kind.value)
+    built.save(out)
+    meta = built.metadata
+    recall = "exact search" if meta["recall"] is None else f"recall@{meta['recall_k']} vs exact {meta['recall']:.4f}"
+    _echo(f"indexed {meta['count']} items ({meta['kind']}: {meta['factory']}, {meta['distance']}, {recall}) in {out}")
+
+
+@app.command()
+@friendly
+def search(
+    index: Annotated[Path, typer.Argument(help="Index folder (from `deepmetric index`).")],
+    image: ImageOpt = None,
+    embedding: EmbeddingOpt = None,
+    id_: IdOpt = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per query.")] = 5,
+    threshold: Annotated[Optional[float], typer.Option(help="Mark hits within this distance as matches (default: "
+                                                      "the threshold `deepmetric calibrate` stored, if any).")] = None,
+    model: ModelOpt = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint of --model: best or last.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """The k nearest gallery items of each query, with distances (cosine: 1 - cos), labels and paths."""
+    from deepmetric.product import SearchIndex
+
+    idx = SearchIndex.load(index)
+    names, vectors = _queries(idx, image, embedding, id_, model, checkpoint)
+    _hits_output(names, idx.search(vectors, k, threshold), json_, "nearest to")
+
+
+@app.command()
+@friendly
+def calibrate(
+    index: Annotated[Path, typer.Argument(help="Index folder (from `deepmetric index`); the threshold is stored there.")],
+    embeddings: Annotated[Path, typer.Option(help="Labelled embeddings file (from `deepmetric embed`): paired with "
+                                             "the gallery, or within itself if the gallery has no labels.")],
+    precision: Annotated[Optional[float], typer.Option(help="Target precision of accepted pairs, e.g. 0.95.")] = None,
+    far: Annotated[Optional[float], typer.Option(help="Target false accept rate, e.g. 1e-3 (instead of --precision).")] = None,
+) -> None:
+    """Choose the match distance threshold for a target precision or FAR and store it in the index."""
+    from deepmetric.product import Embeddings, SearchIndex
+    from deepmetric.product.calibrate import calibrate as run_calibrate
+
+    idx = SearchIndex.load(index)
+    rec = run_calibrate(idx, Embeddings.load(embeddings), precision=precision, far=far, name=str(embeddings))
+    idx.save(index)
+    _echo(f"threshold {rec['threshold']:.4f} ({rec['distance']} distance): precision {rec['precision']:.4f}, "
+          f"recall (TAR) {rec['recall']:.4f}, FAR {rec['far']:.4g} over {rec['pairs']} pairs "
+          f"({rec['genuine_pairs']} genuine); stored in {index / 'metadata.json'}")
+
+
+@app.command()
+@friendly
+def match(
+    index: Annotated[Path, typer.Argument(help="Index folder with a calibrated threshold (`deepmetric calibrate`).")],
+    image: ImageOpt = None,
+    embedding: EmbeddingOpt = None,
+    id_: IdOpt = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Distance threshold (default: the stored one).")] = None,
+    limit: Annotated[int, typer.Option(help="Look at most at this many nearest items per query.")] = 100,
+    model: ModelOpt = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint of --model: best or last.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Which gallery items match each query: the nearest items within the calibrated distance threshold."""
+    from deepmetric.errors import CalibrationError
+    from deepmetric.product import SearchIndex
+
+    idx = SearchIndex.load(index)
+    if threshold is None and idx.metadata.get("threshold") is None:
+        raise CalibrationError(f"{index} has no stored threshold: run `deepmetric calibrate {index} --embeddings "
+                               "FILE --precision 0.95` first, or pass --threshold")
+    names, vectors = _queries(idx, image, embedding, id_, model, checkpoint)
+    hits = [[h for h in hs if h.match] for hs in idx.search(vectors, limit, threshold)]
+    _hits_output(names, hits, json_, "matches of")
+
+
+@app.command()
+@friendly
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `deepmetric train`.")],
+    format_: Annotated[ExportFormat, typer.Option("--format", help="Export format (onnx).")] = ExportFormat.onnx,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Model file (default: RUN/export/model.onnx); "
+                                                "its metadata goes beside it as .json.")] = None,
+    checkpoint: CheckpointOpt = "best",
+) -> None:
+    """Export the run's model to ONNX (dynamic batch axis), checked against PyTorch with onnxruntime."""
+    from deepmetric.product.export import export_run
+
+    meta = export_run(run_dir, out, checkpoint)
+    p = meta["parity"]
+    _echo(f"wrote {meta['path']} (+ metadata .json); onnxruntime vs PyTorch max abs diff {p['max_abs_diff']:.2e} "
+          f"on batches of {', '.join(map(str, p['batch_sizes']))} (tolerance {p['tolerance']:g})")
 
 
 @app.command()
