@@ -34,7 +34,11 @@ function renderHits(result) {
     meta.append(element("span", { class: "rank" }, `#${hit.rank}`));
     meta.append(element("span", { class: "label" }, hit.label === null ? "no label" : `label ${hit.label}`));
     meta.append(element("span", { class: "distance" }, `${health ? health.distance : "distance"} ${hit.distance.toFixed(4)}`));
-    if (mark) meta.append(element("span", { class: "mark" }, hit.match ? "✓ within threshold" : "✗ beyond threshold"));
+    if (mark) {
+      const relation = hit.match ? "≤" : ">";
+      meta.append(element("span", { class: "mark", title: `distance ${relation} threshold ${health.threshold.toFixed(4)}` },
+                          hit.match ? "✓ match" : "✗ no match"));
+    }
     card.append(meta);
     list.append(card);
   }
