@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepmetric import distributed
 from deepmetric.distances import as_compute_dtype
 from deepmetric.errors import ConfigError
 from deepmetric.registry import Registry
@@ -117,8 +118,8 @@ class ListwiseSelfDistillation(Regularizer):
         if ramp == 0 or self.alpha == 0:
             return step.embeddings.sum() * 0.0  # zero, still attached to the graph
         real = ~step.is_synthetic
-        with torch.no_grad():
-            teacher = self.teacher(step.inputs)
+        with torch.no_grad():  # in a distributed run step.inputs are this rank's, the embeddings global
+            teacher = distributed.all_gather(self.teacher(step.inputs))
         return ramp * self.alpha * self.tau**2 * listwise_kl(
             step.embeddings[real], teacher, step.labels[real], self.tau, self.beta
         )

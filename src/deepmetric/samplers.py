@@ -323,6 +323,61 @@ class NPairSampler(BatchSampler):
         return [first if first is not None else refill.pop(), refill.pop()]
 
 
+class DistributedBatchSampler(BatchSampler):
+    """Rank ``rank``'s share of ``sampler``'s batches in data-parallel training over ``world_size`` ranks.
+
+    Every rank builds the same epoch plan (the wrapped sampler, seeded by ``(seed, epoch, pass)``) and takes
+    its batches ``rank, rank + W, rank + 2W, ...``: each rank's batch keeps the wrapped layout (P classes x m),
+    and the W batches of one step are W consecutive batches of the plan, so together the ranks go through the
+    epoch once. A plan of ``n`` batches gives ``ceil(n / W)`` steps; when ``W`` does not divide ``n``, the last
+    step's missing batches are the first of the plan again (every rank must run the same number of steps, or
+    the collectives hang). The trainer's global batch is the W local batches in rank order: :meth:`pair_rule`
+    and :meth:`observe` apply the wrapped sampler's rule to each rank's block of it. A sampler counting
+    iterations (fixed representatives' lifetimes) counts the plan's batches, W per step.
+    """
+
+    def __init__(self, sampler: BatchSampler, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.sampler, self.rank, self.world_size = sampler, rank, world_size
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.world_size)
+
+    def set_epoch(self, epoch: int, pass_: int = 0) -> None:
+        super().set_epoch(epoch, pass_)
+        self.sampler.set_epoch(epoch, pass_)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        plan = list(self.sampler)
+        for step in range(len(self)):
+            yield plan[(step * self.world_size + self.rank) % len(plan)]
+
+    def pair_rule(self, n: int, device: torch.device) -> PairRule | None:
+        block = n // self.world_size
+        rule = self.sampler.pair_rule(block, device)
+        if rule is None:
+            return None
+
+        def tile(rows: torch.Tensor | None, shift: bool) -> torch.Tensor | None:
+            if rows is None:
+                return None
+            return torch.cat([rows.to(device) + (r * block if shift else 0) for r in range(self.world_size)])
+
+        return PairRule(anchors=tile(rule.anchors, True), references=tile(rule.references, True),
+                        positives=tile(rule.positives, False), origin=tile(rule.origin, True))
+
+    def observe(self, indices: torch.Tensor, embeddings: torch.Tensor) -> None:
+        for ids, emb in zip(indices.chunk(self.world_size), embeddings.chunk(self.world_size)):
+            self.sampler.observe(ids, emb)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
 def from_config(config: Any, labels) -> BatchSampler:
     """The sampler of a :class:`~deepmetric.training.config.RunConfig` over the training ``labels``
     (``sampler.name`` and its keywords; ``iterations_per_epoch`` filled in from ``train``)."""

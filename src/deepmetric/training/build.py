@@ -10,6 +10,8 @@ from torch import nn
 from deepmetric import data, miners, models
 from deepmetric.data.base import MetricDataset, Subset, class_folds, select_classes, split_classes
 from deepmetric.data.transforms import normalization_for
+from deepmetric.distributed import launched_by_torchrun, local_rank
+from deepmetric.errors import ConfigError
 from deepmetric.models import EmbeddingModel
 from deepmetric.training.config import RunConfig, check_components
 from deepmetric.hooks import Hook
@@ -80,10 +82,44 @@ def build_hooks(cfg: RunConfig) -> list[Hook]:
     return hooks
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, distributed: bool = False) -> torch.device:
+    """The device ``name`` (``auto``: CUDA if available); in a distributed run on CUDA, this process's GPU
+    ``cuda:LOCAL_RANK`` (made current)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if not distributed or device.type != "cuda":
+        return device
+    if device.index is not None:
+        raise ConfigError(f"device {name!r} names one GPU, but a torchrun launch gives each process its own: "
+                          "set device: cuda (or auto); process LOCAL_RANK=i uses cuda:i")
+    device = torch.device("cuda", local_rank())
+    torch.cuda.set_device(device)
+    return device
 
 
-__all__ = ["Splits", "build_splits", "build_model", "build_miner", "build_hooks", "resolve_device", "check_components"]
+def resolve_distributed(mode: str) -> bool:
+    """Whether ``train.distributed`` (``auto``/``on``/``off``) trains data-parallel in this process."""
+    launched = launched_by_torchrun()
+    if mode == "off" and launched:
+        raise ConfigError("train.distributed=off in a torchrun launch of several processes: each would train alone "
+                          "and write the same run folder; launch one process or set train.distributed=auto")
+    if mode == "on" and not launched:
+        raise ConfigError("train.distributed=on needs a torchrun launch (WORLD_SIZE > 1 is not set): run "
+                          "`torchrun --nproc_per_node N --no-python deepmetric train ...`, or set train.distributed=auto")
+    return launched and mode != "off"
+
+
+def resolve_amp(amp: bool | str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` on ``device`` (None = full precision): ``bf16`` on any device,
+    ``fp16`` on CUDA, ``true`` = fp16 on CUDA and off elsewhere (the original meaning), ``false`` = off."""
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError(f"train.amp=fp16 needs a CUDA device (it trains with a gradient scaler), the run uses "
+                          f"{device}; use train.amp=bf16 (CPU autocast) or train.amp=false")
+    return torch.float16 if amp == "fp16" or (amp is True and device.type == "cuda") else None
+
+
+__all__ = ["Splits", "build_splits", "build_model", "build_miner", "build_hooks", "resolve_device", "resolve_distributed",
+           "resolve_amp", "check_components"]

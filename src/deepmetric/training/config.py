@@ -167,7 +167,14 @@ class ScheduleConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(20, ge=1)
     iterations_per_epoch: int | None = Field(None, ge=1, description="default: one pass of the sampler")
-    amp: bool = Field(True, description="mixed precision; used on CUDA only")
+    amp: bool | Literal["bf16", "fp16"] = Field(
+        True, description="mixed precision: bf16 (autocast on CUDA and CPU), fp16 (CUDA, with a GradScaler), "
+        "true = fp16 on CUDA and off on CPU, false = off",
+    )
+    distributed: Literal["auto", "on", "off"] = Field(
+        "auto", description="data-parallel training (DDP) over the processes of a torchrun launch: auto = on when "
+        "launched by torchrun with WORLD_SIZE > 1",
+    )
     eval_every: int = Field(1, ge=1)
     select_metric: str = "map@r"
     select_on: Literal["auto", "val", "last", "test"] = Field(

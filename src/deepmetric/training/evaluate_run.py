@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from deepmetric import evaluation
@@ -10,23 +11,38 @@ from deepmetric.training import checkpoint
 import torch
 from torch import nn
 
+from deepmetric.data.base import MetricDataset
 from deepmetric.training.build import Splits, build_model, build_splits, resolve_device
 from deepmetric.training.config import EvalConfig, RunConfig, load
 from deepmetric.inference import embed
 
 
+Embedded = tuple[torch.Tensor, torch.Tensor]
+
+
+def embed_test(splits: Splits, embedder: Callable[[MetricDataset], Embedded]) -> tuple[Embedded | None, Embedded]:
+    """``(query, gallery)`` embeddings and labels of the test split: ``(None, test)`` for leave-one-out on
+    ``test``, else ``query`` vs ``gallery``; ``embedder(dataset)`` embeds one data set."""
+    if splits.test is not None:
+        return None, embedder(splits.test)
+    return embedder(splits.query), embedder(splits.gallery)
+
+
+def score_test(query: Embedded | None, gallery: Embedded, cfg: EvalConfig) -> dict[str, float]:
+    """The metrics of :func:`embed_test`'s embeddings (leave-one-out when ``query`` is None)."""
+    kw = dict(ks=tuple(cfg.ks), distance=cfg.distance)
+    if query is None:
+        return evaluation.evaluate(*gallery, **kw)
+    return evaluation.evaluate(*gallery, query_embeddings=query[0], query_labels=query[1], **kw)
+
+
 def evaluate_model(
-    model: nn.Module, splits: Splits, cfg: EvalConfig, device: torch.device, amp: bool = False
-) -> tuple[dict[str, float], tuple[torch.Tensor, torch.Tensor]]:
+    model: nn.Module, splits: Splits, cfg: EvalConfig, device: torch.device, amp: bool | torch.dtype = False
+) -> tuple[dict[str, float], Embedded]:
     """Test metrics of ``model`` (leave-one-out on ``test``, or ``query`` vs ``gallery``), and the
     embeddings of the test (or gallery) items with their labels, e.g. for the report's t-SNE map."""
-    kw = dict(ks=tuple(cfg.ks), distance=cfg.distance)
-    run = lambda ds: embed(model, ds, cfg.batch_size, device, amp=amp)  # noqa: E731
-    if splits.test is not None:
-        gallery = run(splits.test)
-        return evaluation.evaluate(*gallery, **kw), gallery
-    query, gallery = run(splits.query), run(splits.gallery)
-    return evaluation.evaluate(*gallery, query_embeddings=query[0], query_labels=query[1], **kw), gallery
+    query, gallery = embed_test(splits, lambda ds: embed(model, ds, cfg.batch_size, device, amp=amp))
+    return score_test(query, gallery, cfg), gallery
 
 
 def load_run_model(run_dir: str | Path, which: str = "best") -> tuple[RunConfig, nn.Module, torch.device]:

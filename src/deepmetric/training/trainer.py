@@ -5,6 +5,12 @@ epochs the model is evaluated on the validation classes (if any) and on the test
 reported checkpoint is chosen by ``train.select_metric`` on the split ``train.select_on`` names
 (validation classes carved from the training classes by default when ``data.val_classes`` is set;
 never the test classes unless asked, and then every report says so).
+
+Under ``torchrun`` (``train.distributed``) the model is wrapped in DistributedDataParallel, each rank
+trains on its share of the sampler's batches (:class:`~deepmetric.samplers.DistributedBatchSampler`), and
+the objective, miner, augmenter, memory and sampler state see the global batch on every rank
+(:mod:`deepmetric.distributed`); the loss stage draws its random numbers from a generator seeded by the
+step, the same on every rank. Evaluation is sharded; rank 0 computes the metrics and writes the run folder.
 """
 
 from __future__ import annotations
@@ -14,26 +20,27 @@ import math
 import random
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from deepmetric import augment, evaluation, samplers
+from deepmetric import augment, distributed, evaluation, samplers
 from deepmetric.data.base import MetricDataset
 from deepmetric.errors import ConfigError, TrainingDivergedError
 from deepmetric.hooks import Hook
-from deepmetric.inference import embed
 from deepmetric.memory import CrossBatchMemory
 from deepmetric.pairing import pair_indices
 from deepmetric.step import StepInputs
 from deepmetric.training import checkpoint, runfolder
 from deepmetric.training.build import (build_hooks, build_miner, build_model, build_splits, check_components,
-                                       resolve_device, unaugmented)
+                                       resolve_amp, resolve_device, resolve_distributed, unaugmented)
 from deepmetric.training.config import RunConfig, dump
-from deepmetric.training.evaluate_run import evaluate_model
+from deepmetric.training.evaluate_run import embed_test, score_test
 from deepmetric.training.objective import build_objective
 from deepmetric.training.optim import build_optimizer, build_scheduler
 
@@ -75,13 +82,20 @@ class Trainer:
         baselines: dict[str, dict[str, float]] | None = None,
     ):
         check_components(config)
-        self.config, self.out, self.progress = config, Path(out), progress
+        self.config, self.out = config, Path(out)
         self.hooks = build_hooks(config) + list(hooks)
         self.baselines = dict(baselines or {})  # name -> test metrics of reference embeddings (e.g. raw pixels)
-        runfolder.prepare(self.out, resume=resume, overwrite=overwrite)
+        ddp = resolve_distributed(config.train.distributed)
+        self.device = resolve_device(config.device, distributed=ddp)
+        if ddp:
+            distributed.init(self.device.type)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.progress = progress and self.rank == 0
+        if self.rank == 0:
+            runfolder.prepare(self.out, resume=resume, overwrite=overwrite)
+        distributed.barrier()
         self.resume = resume
-        seed_everything(config.seed, config.deterministic)
-        self.device = resolve_device(config.device)
+        seed_everything(config.seed + self.rank, config.deterministic)  # input augmentation differs by rank
 
         self.splits = build_splits(config)
         train_labels = torch.as_tensor(self.splits.train.labels)
@@ -90,6 +104,8 @@ class Trainer:
         self.label_map = torch.full((int(classes.max()) + 1,), -1, dtype=torch.long)
         self.label_map[classes] = torch.arange(classes.numel())
         self.sampler = samplers.from_config(config, train_labels.numpy())
+        if self.world_size > 1:
+            self.sampler = samplers.DistributedBatchSampler(self.sampler, self.rank, self.world_size)
         self.loader = DataLoader(
             _Indexed(self.splits.train), batch_sampler=self.sampler, num_workers=config.data.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=config.data.num_workers > 0,
@@ -97,6 +113,8 @@ class Trainer:
         self.iters_per_epoch = config.train.iterations_per_epoch or len(self.sampler)
 
         self.model = build_model(config).to(self.device)
+        if self.world_size > 1 and self.device.type == "cuda":  # batch statistics of the global batch, as one process
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.objective = build_objective(config, num_classes=classes.numel(), num_samples=len(self.splits.train),
                                          model=self.model).to(self.device)
         self.miner = build_miner(config)
@@ -108,8 +126,21 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.objective, config.optimizer, self.augmenter)
         total = config.train.epochs * self.iters_per_epoch
         self.scheduler = build_scheduler(self.optimizer, total, self.iters_per_epoch, config.schedule)
-        self.use_amp = config.train.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.amp_dtype = resolve_amp(config.train.amp, self.device)
+        self.use_amp = self.amp_dtype is not None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        # what runs the training forward: the model, or its DDP wrapper (rank 0's weights, gradients averaged);
+        # the loss and augmenter parameters see the global batch on every rank and are averaged by _update
+        self.train_model: torch.nn.Module = self.model
+        in_model = {id(p) for p in self.model.parameters()}
+        self.shared_params = [p for p in [*self.objective.parameters(), *(self.augmenter.parameters() if self.augmenter
+                                                                          else [])] if id(p) not in in_model]
+        if self.world_size > 1:
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            for module in (self.objective, self.augmenter, self.memory):
+                if module is not None:
+                    distributed.broadcast_state(module)
 
         select_on = config.train.select_on
         if select_on == "auto":
@@ -130,12 +161,19 @@ class Trainer:
         return self._evaluate()[0]
 
     def _evaluate(self) -> tuple[dict[str, dict[str, float]], tuple[torch.Tensor, torch.Tensor]]:
-        """:meth:`evaluate`, plus the test (or gallery) embeddings and labels it computed."""
-        cfg, results = self.config.eval, {}
-        if self.splits.val is not None:
-            val = embed(self.model, self.splits.val, cfg.batch_size, self.device, amp=self.use_amp)
-            results["val"] = evaluation.evaluate(*val, ks=tuple(cfg.ks), distance=cfg.distance)
-        results["test"], test_embeddings = evaluate_model(self.model, self.splits, cfg, self.device, self.use_amp)
+        """:meth:`evaluate`, plus the test (or gallery) embeddings and labels it computed. In a distributed
+        run each rank embeds its shard of every split; rank 0 computes the metrics and sends them to all."""
+        cfg = self.config.eval
+        distributed.broadcast_state(self.model, buffers_only=True)  # BatchNorm statistics: rank 0's, as checkpointed
+        embedder = lambda ds: distributed.embed_sharded(self.model, ds, cfg.batch_size, self.device, amp=self.amp_dtype)  # noqa: E731
+        val = embedder(self.splits.val) if self.splits.val is not None else None
+        query, test_embeddings = embed_test(self.splits, embedder)
+        results: dict[str, dict[str, float]] = {}
+        if self.rank == 0:
+            if val is not None:
+                results["val"] = evaluation.evaluate(*val, ks=tuple(cfg.ks), distance=cfg.distance)
+            results["test"] = score_test(query, test_embeddings, cfg)
+        results = distributed.broadcast_object(results)
         for split, metrics in results.items():
             if self.config.train.select_metric not in metrics:
                 raise ConfigError(
@@ -156,6 +194,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": checkpoint.rng_state(),
+            "rng_ranks": distributed.all_gather_object(checkpoint.rng_state()) if self.world_size > 1 else None,
             "best": self.best,
             "hooks": [h.state_dict() for h in self.hooks],
             "memory": self.memory.state_dict() if self.memory is not None else None,
@@ -177,7 +216,21 @@ class Trainer:
             self.memory.load_state_dict(state["memory"])
         self.sampler.load_state_dict(state.get("sampler") or {})
         self.epoch, self.best = state["epoch"], state["best"]
-        checkpoint.set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(ranks) == self.world_size:
+            checkpoint.set_rng_state(ranks[self.rank])
+        else:  # another number of processes than the run had: continues correctly, not bit-exactly
+            seed_everything(int(np.random.SeedSequence([self.config.seed, self.epoch, self.rank]).generate_state(1)[0]))
+
+    def _save(self, name: str) -> None:
+        """Write ``checkpoints/<name>.pt`` (rank 0; every rank takes part in gathering the RNG states)."""
+        state = self._state()
+        if self.rank == 0:
+            checkpoint.save(self.out / "checkpoints" / f"{name}.pt", state)
+
+    def _record(self, record: dict[str, Any], log: str = "metrics.jsonl") -> None:
+        if self.rank == 0:
+            runfolder.append_record(self.out, record, log=log)
 
     # ----------------------------------------------------------------- training
     def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -198,35 +251,65 @@ class Trainer:
         Returns the detached total loss and term values, or a NaN loss (and no step) if the embeddings
         are not finite.
         """
-        x = x.to(self.device, non_blocking=True)
-        y = self.label_map[y].to(self.device, non_blocking=True)
-        ids = ids.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, enabled=self.use_amp):
-            raw, emb = self.model(x, return_raw=True)
-        if not bool(torch.isfinite(emb).all()):
+        out = self._forward_backward(x, y, ids, epoch)
+        if out is None:
             return torch.tensor(float("nan")), {}
-        real_emb, real_y = emb, y
-        self.sampler.observe(ids, emb)
-        synthetic = torch.zeros(emb.shape[0], dtype=torch.bool, device=emb.device)
-        pairs, classes = self.sampler.pair_rule(emb.shape[0], emb.device), None
-        real_pairs = pairs
-        if self.augmenter is not None:
-            emb, y, synthetic, pairs, classes = self.augmenter(emb, y, raw=raw)
-        use_memory = self.memory is not None and epoch >= self.config.memory.start_epoch
-        step = StepInputs(
-            embeddings=emb, labels=y, raw=raw, inputs=x, sample_ids=ids, is_synthetic=synthetic,
-            model=self.model, epoch=epoch, epochs=self.config.train.epochs,
-            indices=pair_indices(self.miner, emb, y, pairs), pairs=pairs, classes=classes,
-            memory=self.memory.get() if use_memory and len(self.memory) else None,
-        )
-        if self.augmenter is not None and self.augmenter.aux_loss:  # the losses on the real rows alone too (DAS)
-            loss, values = self.objective(step, step.real_rows(self.miner, real_pairs), self.augmenter.aux_weight)
-        else:
-            loss, values = self.objective(step)
-        if use_memory:
-            self.memory.enqueue(real_emb, real_y)  # after the loss: a batch is never its own reference
+        self._update()
+        return out
+
+    @contextmanager
+    def _loss_rng(self) -> Iterator[None]:
+        """In a distributed run, the random numbers of the loss stage (random miners, augmenters) come from a
+        generator seeded by the step, so every rank draws the same on the same global batch."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [],
+                                   enabled=self.world_size > 1):
+            if self.world_size > 1:
+                step = self.scheduler.last_epoch  # optimiser steps so far: checkpointed, so resume is exact
+                torch.manual_seed(int(np.random.SeedSequence([self.config.seed, step]).generate_state(1)[0]))
+            yield
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, epoch: int
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """Forward and backward of one step, without the optimiser: ``(loss, term values)`` detached, or
+        None (nothing computed) when the embeddings are not finite. In a distributed run the inputs are this
+        rank's batch; the embeddings, labels and data-set indices of all ranks are gathered (this rank's rows
+        live), so every term sees the global batch and the gradients equal one process's on it."""
+        x = x.to(self.device, non_blocking=True)
+        y = distributed.all_gather(self.label_map[y].to(self.device, non_blocking=True))
+        ids = distributed.all_gather(ids.to(self.device, non_blocking=True))
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            raw, emb = self.train_model(x, return_raw=True)
+        raw, emb = distributed.all_gather_with_grad(raw), distributed.all_gather_with_grad(emb)
+        if not bool(torch.isfinite(emb).all()):
+            return None
+        with self._loss_rng():
+            real_emb, real_y = emb, y
+            self.sampler.observe(ids, emb)
+            synthetic = torch.zeros(emb.shape[0], dtype=torch.bool, device=emb.device)
+            pairs, classes = self.sampler.pair_rule(emb.shape[0], emb.device), None
+            real_pairs = pairs
+            if self.augmenter is not None:
+                emb, y, synthetic, pairs, classes = self.augmenter(emb, y, raw=raw)
+            use_memory = self.memory is not None and epoch >= self.config.memory.start_epoch
+            step = StepInputs(
+                embeddings=emb, labels=y, raw=raw, inputs=x, sample_ids=ids, is_synthetic=synthetic,
+                model=self.model, epoch=epoch, epochs=self.config.train.epochs,
+                indices=pair_indices(self.miner, emb, y, pairs), pairs=pairs, classes=classes,
+                memory=self.memory.get() if use_memory and len(self.memory) else None,
+            )
+            if self.augmenter is not None and self.augmenter.aux_loss:  # the losses on the real rows alone too (DAS)
+                loss, values = self.objective(step, step.real_rows(self.miner, real_pairs), self.augmenter.aux_weight)
+            else:
+                loss, values = self.objective(step)
+            if use_memory:
+                self.memory.enqueue(real_emb, real_y)  # after the loss: a batch is never its own reference
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        distributed.average_gradients(self.shared_params)
+        return loss.detach(), {k: v.detach() for k, v in values.items()}
+
+    def _update(self) -> None:
+        """The optimiser step on the gradients of :meth:`_forward_backward` (clipped, unscaled), and the schedule."""
         if self.config.optimizer.grad_clip:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -234,12 +317,11 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return loss.detach(), {k: v.detach() for k, v in values.items()}
 
     def _diverged(self, epoch: int, iteration: int) -> TrainingDivergedError:
         last = self.out / "checkpoints" / "last.pt"
         kept = f"the last good checkpoint is {last} (epoch {self.epoch})" if last.is_file() else "no checkpoint was written yet"
-        runfolder.append_record(self.out, {"epoch": epoch, "event": "diverged", "iteration": iteration})
+        self._record({"epoch": epoch, "event": "diverged", "iteration": iteration})
         return TrainingDivergedError(
             f"the training loss became NaN/Inf at epoch {epoch}, iteration {iteration} "
             f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); {kept}. Try a lower optimizer.lr, "
@@ -262,8 +344,7 @@ class Trainer:
             for k, v in values.items():
                 terms.setdefault(k, []).append(v)
             if it % self.config.train.log_every == 0:
-                runfolder.append_record(self.out, {"epoch": epoch, "iteration": it, "loss": value, **values},
-                                        log="steps.jsonl")
+                self._record({"epoch": epoch, "iteration": it, "loss": value, **values}, log="steps.jsonl")
             seen += len(y)
             for hook in self.hooks:
                 hook.on_batch_end(self, epoch, it, value)
@@ -282,18 +363,20 @@ class Trainer:
         value = results[self.select_on][metric]
         if self.best is None or value > self.best["value"]:
             self.best = {"split": self.select_on, "metric": metric, "epoch": epoch, "value": value}
-            checkpoint.save(self.out / "checkpoints" / "best.pt", self._state())
+            self._save("best")
 
     def fit(self) -> dict[str, Any]:
         from deepmetric.training.progress import EpochBar
         cfg = self.config.train
         if self.resume:
             self._load(self.out / "checkpoints" / "last.pt")
-            runfolder.truncate_records(self.out, self.epoch + 1)
+            if self.rank == 0:
+                runfolder.truncate_records(self.out, self.epoch + 1)
         else:
-            (self.out / "config.yaml").write_text(dump(self.config))
+            if self.rank == 0:
+                (self.out / "config.yaml").write_text(dump(self.config))
             results = self.evaluate()
-            runfolder.append_record(self.out, {"epoch": 0, **{f"{s}/{k}": v for s, m in results.items() for k, v in m.items()}})
+            self._record({"epoch": 0, **{f"{s}/{k}": v for s, m in results.items() for k, v in m.items()}})
         for hook in self.hooks:
             hook.on_train_start(self)
         if self.augmenter is not None:
@@ -314,11 +397,14 @@ class Trainer:
                 self.augmenter.on_epoch_end(self, epoch)
             for hook in self.hooks:
                 hook.on_epoch_end(self, epoch, record)
-            runfolder.append_record(self.out, record)
+            for module in (self.objective, self.augmenter):  # rank 0's, should an epoch-end step differ by rank
+                if module is not None:
+                    distributed.broadcast_state(module)
+            self._record(record)
             if self.progress:
                 EpochBar.print_summary(record, cfg.epochs, cfg.select_metric)
             if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
-                checkpoint.save(self.out / "checkpoints" / "last.pt", self._state())
+                self._save("last")
         for hook in self.hooks:
             hook.on_train_end(self)
         return self.finish()
@@ -327,6 +413,7 @@ class Trainer:
         """Load the selected checkpoint, evaluate it on the test split, write ``summary.json`` and the report."""
         from deepmetric.training.report import write_report
 
+        distributed.barrier()  # rank 0 has written best.pt
         if self.best and self.best["split"] in ("val", "test"):
             self.model.load_state_dict(checkpoint.load(self.out / "checkpoints" / "best.pt", self.device)["model"])
         results, test_embeddings = self._evaluate()
@@ -340,6 +427,8 @@ class Trainer:
         }
         if "val" in results:
             summary["val"] = results["val"]
+        if self.rank != 0:
+            return summary
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         test = self.splits.test if self.splits.test is not None else self.splits.gallery
         write_report(self.out, embeddings=test_embeddings if self.config.eval.tsne else None, class_names=test.classes)
