@@ -11,6 +11,7 @@ Euclidean distances come from ``d² = ‖a‖² + ‖b‖² − 2aᵀb`` (one GE
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -103,6 +104,14 @@ class _Normalize(torch.autograd.Function):
 def normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Rows scaled to unit L2 norm, as ``F.normalize(x, dim=1, eps=eps)`` (faster backward)."""
     return _Normalize.apply(x, eps)
+
+
+def full_precision(device_type: str) -> contextlib.AbstractContextManager:
+    """A context with autocast disabled on ``device_type``; a no-op context when autocast is not enabled
+    there (entering and leaving ``torch.autocast`` costs more than a small loss's arithmetic)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def as_compute_dtype(x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from deepmetric import distances
-from deepmetric.distances import Distance, as_compute_dtype
+from deepmetric.distances import Distance, as_compute_dtype, full_precision
 from deepmetric.errors import ConfigError, InputError
 from deepmetric.validation import check_embeddings, check_labels
 
@@ -137,20 +137,19 @@ def label_positives(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 
     O(B·K + R log R) (a sort and a binary search), no ``[B, R]`` work.
     """
-    order = torch.argsort(b.ref_labels, stable=True)
-    sorted_labels = b.ref_labels[order].contiguous()
+    sorted_labels, order = torch.sort(b.ref_labels, stable=True)
     start = torch.searchsorted(sorted_labels, b.labels)
-    count = torch.searchsorted(sorted_labels, b.labels, right=True) - start
+    count = torch.searchsorted(sorted_labels, b.labels, right=True).sub_(start)
     if b.self_ref:  # skip the anchor's own slot in its class block
-        rank_self = torch.empty_like(order)
-        rank_self[order] = torch.arange(order.numel(), device=order.device)
+        rank_self = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         rank_self -= start
-        count = count - 1
+        count -= 1
     k = max(int(count.max()) if count.numel() else 0, 1)  # K ≥ 1 keeps row reductions defined
     slots = torch.arange(k, device=order.device)[None, :]
-    offset = slots + (slots >= rank_self[:, None]) if b.self_ref else slots
-    cols = (start[:, None] + offset).clamp(max=max(order.numel() - 1, 0))
-    return order[cols], slots < count[:, None]
+    cols = start[:, None] + slots
+    if b.self_ref:
+        cols += slots >= rank_self[:, None]
+    return order[cols.clamp_(max=max(order.numel() - 1, 0))], slots < count[:, None]
 
 
 @dataclass
@@ -276,7 +275,7 @@ class PairLoss(nn.Module):
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b = prepare(embeddings, labels, ref_embeddings, ref_labels)
-        with torch.autocast(b.x.device.type, enabled=False):
+        with full_precision(b.x.device.type):
             return self.compute(b, indices)
 
     def compute(self, b: Batch, indices: Indices | None) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from deepmetric.distances import gram
+from deepmetric.distances import gram, normalize
 from deepmetric.errors import ConfigError, InputError, LabelError
 from deepmetric.losses import register
 from deepmetric.losses.base import (
@@ -302,6 +302,55 @@ def npair_indices(labels: torch.Tensor, strict: bool = True) -> tuple[torch.Tens
     return order[start], order[start + 1]
 
 
+class _NPairCrossEntropy(torch.autograd.Function):
+    """``cross_entropy(s·A Pᵀ, arange(N))`` (``symmetric``: averaged with the transposed problem) of the rows
+    ``A = e[rows[:N]]``, ``P = e[rows[N:]]`` of the embeddings ``e`` (L2-normalised rows with ``unit``), with a
+    hand-written backward: ``∂/∂logits = s·(softmax − I)/N``, two products, the normalisation's backward and
+    one scatter into the batch (``rows`` are distinct). The forward runs the same operations as the plain
+    autograd version (``F.normalize``, ``F.cross_entropy``), so the values are the same."""
+
+    @staticmethod
+    def forward(ctx, x, rows, unit: bool, scale: float, symmetric: bool):
+        z = x[rows]
+        denom = unclamped = None
+        if unit:
+            norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)
+            denom = norm.clamp_min(1e-12)
+            unclamped = (norm >= 1e-12).to(z.dtype)
+            z = z / denom
+        n = rows.numel() // 2
+        logits = z[:n] @ z[n:].T
+        if scale != 1:
+            logits = scale * logits
+        target = torch.arange(n, device=x.device)
+        log_prob = F.log_softmax(logits, 1)
+        ce = F.nll_loss(log_prob, target)
+        log_prob_t = None
+        if symmetric:
+            log_prob_t = F.log_softmax(logits.T, 1)
+            ce = 0.5 * (ce + F.nll_loss(log_prob_t, target))
+        ctx.unit, ctx.scale, ctx.shape = unit, scale, x.shape
+        ctx.save_for_backward(rows, z, log_prob, log_prob_t, denom, unclamped)
+        return ce
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        rows, z, log_prob, log_prob_t, denom, unclamped = ctx.saved_tensors
+        n = log_prob.shape[0]
+        g = log_prob.exp()
+        g.diagonal().sub_(1.0)
+        if log_prob_t is not None:
+            g_t = log_prob_t.exp()
+            g_t.diagonal().sub_(1.0)
+            g = g.add_(g_t.T).mul_(0.5)
+        g = g.mul_(grad * (ctx.scale / n))
+        gz = torch.cat([g @ z[n:], g.T @ z[:n]])
+        if ctx.unit:
+            gz = (gz - z * ((gz * z).sum(1, keepdim=True) * unclamped)) / denom
+        return gz.new_zeros(ctx.shape).index_copy_(0, rows, gz), None, None, None, None
+
+
 @register("npair")
 class NPairLoss(PairLoss):
     """Multi-class N-pair loss (Sohn, NeurIPS 2016), on dot products (embeddings are not normalised):
@@ -330,35 +379,31 @@ class NPairLoss(PairLoss):
         self.normalize, self.scale = normalize, scale
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) if self.normalize else x
-
-    def _l2(self, a_sq: torch.Tensor, p_sq: torch.Tensor) -> torch.Tensor:
-        return self.l2_reg * 0.25 * (a_sq + p_sq) if self.l2_reg else 0.0
+        return normalize(x) if self.normalize else x
 
     def compute(self, b: Batch, indices: Indices | None) -> torch.Tensor:
         if indices is None and b.self_ref:
             a, p = npair_indices(b.labels, self.strict)
             if a.numel() < 2:
                 return b.x.sum() * 0.0
-            x = self._embed(b.x)
-            anchors, positives = x[a], x[p]
-            logits = anchors @ positives.T
-            if self.scale != 1:
-                logits = self.scale * logits
-            target = torch.arange(a.numel(), device=logits.device)
-            ce = F.cross_entropy(logits, target)
-            if self.symmetric:
-                ce = 0.5 * (ce + F.cross_entropy(logits.T, target))
-            return ce + self._l2(anchors.pow(2).sum(1).mean(), positives.pow(2).sum(1).mean())
+            # only the 2N rows used are gathered and normalised (row by row: the same values)
+            rows = torch.cat([a, p])
+            ce = _NPairCrossEntropy.apply(b.x, rows, self.normalize, self.scale, self.symmetric)
+            if not self.l2_reg:
+                return ce
+            anchors, positives = self._embed(b.x[rows]).split(a.numel())
+            return ce + self.l2_reg * 0.25 * (anchors.pow(2).sum(1).mean() + positives.pow(2).sum(1).mean())
         x = self._embed(b.x)
         ref = x if b.ref is None else self._embed(b.ref)
         logits = self.scale * gram(x) if b.ref is None else self.scale * (x @ ref.T)
         pairs = make_pairs(b, indices)
         per_pair = F.softplus(masked_logsumexp(logits, pairs.neg_add)[:, None] - pairs.positives(logits))
-        n_pairs = pairs.pos_w.sum().clamp(min=1)
-        a_sq = (pairs.pos_w.sum(1) * x.pow(2).sum(1)).sum() / n_pairs
-        p_sq = (pairs.pos_w * ref.pow(2).sum(1)[pairs.pos_idx]).sum() / n_pairs
-        loss = reduce(per_pair, pairs.pos_w, "mean") + self._l2(a_sq, p_sq)
+        loss = reduce(per_pair, pairs.pos_w, "mean")
+        if self.l2_reg:
+            n_pairs = pairs.pos_w.sum().clamp(min=1)
+            a_sq = (pairs.pos_w.sum(1) * x.pow(2).sum(1)).sum() / n_pairs
+            p_sq = (pairs.pos_w * ref.pow(2).sum(1)[pairs.pos_idx]).sum() / n_pairs
+            loss = loss + self.l2_reg * 0.25 * (a_sq + p_sq)
         return loss * pairs.present()
 
     def extra_repr(self) -> str:
@@ -466,6 +511,41 @@ class CircleLoss(PairLoss):
         return f"m={self.m}, gamma={self.gamma}"
 
 
+class _SupCon(torch.autograd.Function):
+    """:class:`SupConLoss` from the similarity matrix ``s [B, R]`` and the pairs, with a hand-written backward:
+    for the logits ``l = s/τ``, ``∂/∂l_ij = w_i (e^{l_ij − LSE_i} − 1[j ∈ P_i]/|P_i|)`` over the kept pairs
+    (``w_i`` = the anchor's weight in the mean), written into one ``[B, R]`` buffer where autograd would chain
+    a dozen ``[B, R]`` operations. The forward runs the same operations as before, so the values are the same.
+    """
+
+    @staticmethod
+    def forward(ctx, s, pos_idx, pos_w, neg, present, temperature: float):
+        logits = s / temperature
+        lp = logits.gather(1, pos_idx)
+        pos_add = (pos_w.clamp(max=1) - 1) * BIG
+        neg_add = (neg.clamp(max=1) - 1) * BIG
+        # log Σ_{P∪N} e^{logit} from the positive and negative parts; -BIG (not -inf) keeps every row finite
+        lse_p = masked_logsumexp(lp, pos_add).clamp(min=-BIG)
+        lse_n = masked_logsumexp(logits, neg_add).clamp(min=-BIG)
+        n_pos = pos_w.sum(1).clamp(min=1)
+        lse = torch.logaddexp(lse_p, lse_n)
+        per_anchor = lse - (lp * pos_w).sum(1) / n_pos
+        valid = (pos_w.sum(1) > 0).to(logits.dtype)
+        loss = reduce(per_anchor, valid, "mean") * present
+        ctx.temperature = temperature
+        ctx.save_for_backward(logits, lp, pos_idx, pos_w, pos_add, neg_add, lse, n_pos, valid, present)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        logits, lp, pos_idx, pos_w, pos_add, neg_add, lse, n_pos, valid, present = ctx.saved_tensors
+        w = (valid * (grad * present / valid.sum().clamp(min=1)))[:, None]
+        g = (logits + neg_add).sub_(lse[:, None]).exp_().mul_(w)
+        g_pos = (lp + pos_add).sub_(lse[:, None]).exp_().sub_(pos_w / n_pos[:, None]).mul_(w)
+        return g.scatter_add_(1, pos_idx, g_pos).div_(ctx.temperature), None, None, None, None, None
+
+
 @register("supcon")
 class SupConLoss(PairLoss):
     """Supervised contrastive loss (Khosla et al., NeurIPS 2020), L_out form, on cosine similarity:
@@ -481,16 +561,9 @@ class SupConLoss(PairLoss):
         self.distance = make_distance("cosine", True)
 
     def compute(self, b: Batch, indices: Indices | None) -> torch.Tensor:
-        logits = self.matrix(b) / self.temperature
+        s = self.matrix(b)
         pairs = make_pairs(b, indices)
-        lp = pairs.positives(logits)
-        # log Σ_{P∪N} e^{logit} from the positive and negative parts; -BIG (not -inf) keeps the
-        # gradient of logaddexp finite for anchors without pairs, which the mean then ignores
-        lse_p = masked_logsumexp(lp, pairs.pos_add).clamp(min=-BIG)
-        lse_n = masked_logsumexp(logits, pairs.neg_add).clamp(min=-BIG)
-        n_pos = pairs.pos_w.sum(1)
-        per_anchor = torch.logaddexp(lse_p, lse_n) - (lp * pairs.pos_w).sum(1) / n_pos.clamp(min=1)
-        return reduce(per_anchor, (n_pos > 0).to(logits.dtype), "mean") * pairs.present()
+        return _SupCon.apply(s, pairs.pos_idx, pairs.pos_w, pairs.neg, pairs.present(), self.temperature)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepmetric.distances import as_compute_dtype
+from deepmetric.distances import as_compute_dtype, full_precision
 from deepmetric.errors import ConfigError, InputError, LabelError
 from deepmetric.losses import register
 from deepmetric.losses.base import masked_logsumexp
@@ -261,7 +261,7 @@ class ProxyLoss(nn.Module):
                     f"{name} has {self.num_classes} classes, so labels must lie in [0, {self.num_classes}), "
                     f"got [{lo}, {hi}]; remap labels to 0..C-1 or build the loss with a larger num_classes"
                 )
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        with full_precision(embeddings.device.type):
             return self.compute(as_compute_dtype(embeddings), labels)
 
     def compute(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

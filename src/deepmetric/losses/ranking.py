@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from deepmetric.distances import full_precision
 from deepmetric.errors import ConfigError, InputError, LabelError
 from deepmetric.losses import register
 from deepmetric.losses.base import Batch, Indices, PairLoss, Pairs, make_distance, make_pairs, prepare, reduce
@@ -430,7 +431,7 @@ class StochasticAUPRCLoss(RankingLoss):
             )
         if sample_ids is not None:
             self._record_samples(sample_ids, labels)
-        with torch.autocast(b.x.device.type, enabled=False):
+        with full_precision(b.x.device.type):
             r = self.ranking(b, indices)
             if update:
                 self._update_v(r, labels)
