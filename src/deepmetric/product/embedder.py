@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from deepmetric import data
 from deepmetric.errors import DataError, ExportError, RunFolderError
-from deepmetric.product.inputs import image_transform, input_spec, pictures_to_inputs
+from deepmetric.product.inputs import input_spec, pictures_to_inputs, picture_transform
 from deepmetric.product.store import Embeddings
 
 
@@ -134,8 +134,9 @@ def load_embedder(source: str | Path, checkpoint: str = "best", device: str = "a
 def open_data(embedder: Embedder, name: str | None = None, split: str | None = None,
               root: str | None = None) -> tuple[Any, dict[str, Any]]:
     """The data set to embed and its description: a registered ``name`` (default: the run's own data set,
-    ``split`` default ``test``) or a folder of class sub-folders (``split`` default ``all``), its items
-    prepared as the embedder's inputs. Returns ``(dataset, {"name", "split", "root", "kwargs"})``."""
+    ``split`` default ``test``) or a folder of class sub-folders (``split`` default ``all``), its pictures
+    prepared as the embedder's inputs (a digits model embeds a folder of digit pictures).
+    Returns ``(dataset, {"name", "split", "root", "kwargs"})``."""
     run_data = embedder.config["data"]
     name = name or run_data["name"]
     if name not in data.available():
@@ -148,7 +149,7 @@ def open_data(embedder: Embedder, name: str | None = None, split: str | None = N
     kwargs = dict(run_data["kwargs"]) if name == run_data["name"] else {}
     params = data.DATASETS.parameters(name)
     extra = {"augment": False} if "augment" in params else {}
-    transform = image_transform(embedder.input)
+    transform = picture_transform(embedder.input)
     if transform is not None and "transform" in params:
         extra["transform"] = transform
     dataset = data.build(name, root=None if root is None else str(root), split=split, **kwargs, **extra)

@@ -11,6 +11,7 @@ Three kinds, read from the run's data set:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -38,10 +39,21 @@ def input_spec(cfg: RunConfig) -> dict[str, Any]:
 
 
 def image_transform(spec: dict[str, Any]):
-    """The test transform of an ``image`` spec (PIL RGB image -> normalised tensor), else None."""
-    if spec["kind"] != "image":
-        return None
+    """The test transform of an ``image`` spec (PIL RGB image -> normalised tensor)."""
     return build_transform(False, pipeline=spec["pipeline"], normalization=spec["normalization"], size=spec["size"])
+
+
+def picture_transform(spec: dict[str, Any]):
+    """One picture -> one model input, for a data set of image files (``transform=``); None for features."""
+    if spec["kind"] == "image":
+        return image_transform(spec)
+    if spec["kind"] == "dataset":
+        return functools.partial(_one_picture, spec)
+    return None
+
+
+def _one_picture(spec: dict[str, Any], picture: Image.Image) -> torch.Tensor:
+    return pictures_to_inputs(spec, [picture])[0]
 
 
 def pictures_to_inputs(spec: dict[str, Any], pictures: Sequence[Image.Image]) -> torch.Tensor:
