@@ -22,7 +22,8 @@ class TrainerView(Protocol):
     """What a hook may read from the trainer: the run's validated ``config`` (a ``RunConfig``), its
     ``model``, ``objective`` (the loss terms) and ``optimizer``, the data ``splits`` (``.train``,
     ``.val``, ``.test``), ``label_map`` (data-set label -> 0..C-1 training class), the ``device``,
-    ``use_amp``, the last finished ``epoch`` and ``select_on`` (which split picks the checkpoint)."""
+    ``amp_dtype`` (autocast dtype of ``train.amp``; None = full precision), the last finished ``epoch`` and
+    ``select_on`` (which split picks the checkpoint)."""
 
     config: Any
     model: nn.Module
@@ -31,7 +32,7 @@ class TrainerView(Protocol):
     splits: Any
     label_map: torch.Tensor
     device: torch.device
-    use_amp: bool
+    amp_dtype: torch.dtype | None
     epoch: int
     select_on: str
 

@@ -181,7 +181,7 @@ class CCPProxyReplacement(Hook):
         index, valid = class_pool(labels, num_classes, self.pool, generator)
         flat = index.reshape(-1)
         cfg = trainer.config
-        emb, _ = embed(trainer.model, Subset(train, flat), cfg.eval.batch_size, trainer.device, amp=trainer.use_amp)
+        emb, _ = embed(trainer.model, Subset(train, flat), cfg.eval.batch_size, trainer.device, amp=trainer.amp_dtype)
         emb = emb.view(num_classes, self.pool, -1)
         valid_t = torch.as_tensor(valid)
         for name, loss in targets.items():

@@ -157,7 +157,7 @@ class IntraClassAdaptiveAugmentation(Augmenter):
         from deepmetric.inference import embed  # lazy: deepmetric.inference imports the data package, which imports this one
 
         raw, labels = embed(trainer.model, trainer.splits.train, trainer.config.eval.batch_size, trainer.device,
-                            amp=trainer.use_amp, raw=True)
+                            amp=trainer.amp_dtype, raw=True)
         self.estimate(raw.to(self.mean.device), trainer.label_map[labels].to(self.mean.device))
 
     def on_train_start(self, trainer: TrainerView) -> None:

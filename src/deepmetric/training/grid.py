@@ -333,7 +333,7 @@ def ensemble_metrics(fold_runs: Sequence[Run], path: Path, reuse: bool = True) -
     """Test metrics of the concatenated fold models (each at its selected checkpoint), written to ``path``
     with the classes each fold held out (and read back from it when ``reuse`` and it is for these runs)."""
     from deepmetric.data.base import class_folds
-    from deepmetric.training.build import build_splits
+    from deepmetric.training.build import build_splits, resolve_amp
     from deepmetric.training.evaluate_run import evaluate_model, load_run_model
 
     folders = [str(r.folder) for r in fold_runs]
@@ -345,8 +345,7 @@ def ensemble_metrics(fold_runs: Sequence[Run], path: Path, reuse: bool = True) -
     cfg, device = loaded[0][0], loaded[0][2]
     model = ConcatEmbedding([m for _, m, _ in loaded]).to(device)
     splits = build_splits(cfg)
-    amp = cfg.train.amp and device.type == "cuda"
-    metrics, (embeddings, _) = evaluate_model(model, splits, cfg.eval, device, amp)
+    metrics, (embeddings, _) = evaluate_model(model, splits, cfg.eval, device, resolve_amp(cfg.train.amp, device))
     classes = np.concatenate([splits.train.labels, splits.val.labels])
     names = splits.train.classes
     folds = []

@@ -127,7 +127,6 @@ class Trainer:
         total = config.train.epochs * self.iters_per_epoch
         self.scheduler = build_scheduler(self.optimizer, total, self.iters_per_epoch, config.schedule)
         self.amp_dtype = resolve_amp(config.train.amp, self.device)
-        self.use_amp = self.amp_dtype is not None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         # what runs the training forward: the model, or its DDP wrapper (rank 0's weights, gradients averaged);
         # the loss and augmenter parameters see the global batch on every rank and are averaged by _update
@@ -277,7 +276,7 @@ class Trainer:
         x = x.to(self.device, non_blocking=True)
         y = distributed.all_gather(self.label_map[y].to(self.device, non_blocking=True))
         ids = distributed.all_gather(ids.to(self.device, non_blocking=True))
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             raw, emb = self.train_model(x, return_raw=True)
         raw, emb = distributed.all_gather_with_grad(raw), distributed.all_gather_with_grad(emb)
         if not bool(torch.isfinite(emb).all()):
