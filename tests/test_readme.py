@@ -1,11 +1,16 @@
 """Every code block of the README runs: python blocks execute, shell lines run through the CLI (or
-``make -n`` for make targets), yaml blocks validate as configuration fragments. ``text`` blocks are prose."""
+``make -n`` for make targets; ``deepmetric serve`` for real, see :func:`check_serve`), yaml blocks validate as
+configuration fragments. ``text`` blocks are prose."""
 
 import re
 import shlex
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -45,10 +50,44 @@ def test_shell_blocks(tmp_path, monkeypatch):
             words = shlex.split(command)
             if words[0] == "make":
                 subprocess.run(["make", "-n", "-C", str(ROOT), *words[1:]], check=True, capture_output=True)
+            elif words[:2] == ["deepmetric", "serve"]:
+                check_serve(words[2:])
             else:
                 assert words[0] == "deepmetric", command
                 result = runner.invoke(app, words[1:])
                 assert result.exit_code == 0, f"{command}\n{result.output}"
+
+
+def check_serve(args: list[str], budget: float = 120.0) -> None:
+    """Run a README ``deepmetric serve`` line as a server process on a free 127.0.0.1 port (``--port``
+    overridden), wait for ``/health``, load the page, search by a listed item's id, then stop it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "deepmetric.cli", "serve", *args, "--host", "127.0.0.1",
+                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + budget
+        while True:
+            assert server.poll() is None, f"deepmetric serve exited with {server.returncode}"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"deepmetric serve did not answer /health within {budget} s"
+            time.sleep(0.2)
+        assert "/static/app.js" in httpx.get(url).text
+        item = httpx.get(f"{url}/items?limit=1").json()[0]["id"]
+        response = httpx.post(f"{url}/search", json={"id": item, "k": 3})
+        assert response.status_code == 200 and len(response.json()["hits"]) == 3, response.text
+    except AssertionError as exc:
+        server.terminate()
+        raise AssertionError(f"{exc}\n{server.communicate(timeout=10)[0]}") from None
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 @pytest.mark.parametrize("code", [c for lang, c in BLOCKS if lang == "yaml"])
