@@ -243,3 +243,17 @@ def test_cli_serve_help_and_a_wrong_index_path(tmp_path):
     assert result.exit_code == 0 and "--model" in result.output and "--port" in result.output
     result = runner.invoke(cli, ["serve", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "no index folder at" in result.output
+
+
+@pytest.mark.slow  # the ONNX export takes seconds
+def test_serves_the_exported_onnx_model(index_dir, run_dir, tmp_path, index, client):
+    from deepmetric.product.export import export_run
+
+    onnx = export_run(run_dir, tmp_path / "model.onnx")["path"]
+    served = TestClient(create_app(index_dir, model=onnx))
+    assert served.get("/health").json()["model"]["kind"] == "onnx"
+    for item in ("test/0", "test/500"):
+        picture = png(index.image(item))
+        by_onnx, by_torch = upload(served, picture, k=5).json()["hits"], upload(client, picture, k=5).json()["hits"]
+        assert [h["id"] for h in by_onnx][:1] == [item] == [h["id"] for h in by_torch][:1]
+        assert [h["distance"] for h in by_onnx] == pytest.approx([h["distance"] for h in by_torch], abs=1e-4)
