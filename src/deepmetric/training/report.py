@@ -16,6 +16,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from deepmetric.data.base import MetricDataset  # noqa: E402
+from deepmetric.errors import DataError  # noqa: E402
+from deepmetric.training.retrieval_figures import neighbours, plot_recall_at_k, plot_worst_queries, recall_curve  # noqa: E402
 from deepmetric.training.runfolder import read_records  # noqa: E402
 
 LEAD_METRICS = ("map@r", "r_precision", "recall@1", "recall@2", "recall@4", "recall@8", "nmi")
@@ -105,9 +108,34 @@ def _table(rows: dict[str, dict[str, float]]) -> str:
     return f"<table><tr><th></th>{head}</tr>{body}</table>"
 
 
+def _retrieval_figures(report: Path, embeddings: tuple[torch.Tensor, torch.Tensor], dataset: MetricDataset | None,
+                       class_names: Sequence[str] | None, summary: dict) -> list[str]:
+    """``recall_at_k.png`` (trained, raw pixels if the run compared them, untrained points) and
+    ``worst_queries.png`` (when the test items can be drawn)."""
+    x, y = embeddings
+    distance = summary["config"]["eval"]["distance"]
+    dist, idx, rel, n_rel = neighbours(x, y, distance)
+    curves = {"trained embedding": recall_curve(rel)}
+    baselines = summary.get("baselines", {})
+    if "raw pixels" in baselines and hasattr(dataset, "raw_features"):
+        curves["raw pixels"] = recall_curve(neighbours(dataset.raw_features(), y, distance)[2])
+    untrained = {int(k.split("@")[1]): v for k, v in baselines.get("untrained network", {}).items()
+                 if k.startswith("recall@")}
+    plot_recall_at_k(curves, untrained, report / "recall_at_k.png")
+    if dataset is None:
+        return ["recall_at_k.png"]
+    try:
+        dataset.picture(0)
+    except DataError:  # e.g. feature vectors: nothing to draw
+        return ["recall_at_k.png"]
+    plot_worst_queries(dataset, y, dist, idx, rel, n_rel, class_names, report / "worst_queries.png")
+    return ["recall_at_k.png", "worst_queries.png"]
+
+
 def write_report(out: Path, embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 class_names: Sequence[str] | None = None) -> Path:
-    """Write ``out/report/{loss,metrics,tsne}.png`` and ``report.html`` from the run folder; return the HTML path."""
+                 class_names: Sequence[str] | None = None, dataset: MetricDataset | None = None) -> Path:
+    """Write ``out/report/{loss,metrics,recall_at_k,worst_queries,tsne}.png`` and ``report.html`` from the run
+    folder; ``embeddings`` are the test items' (of ``dataset``, in order); return the HTML path."""
     out = Path(out)
     report = out / "report"
     report.mkdir(exist_ok=True)
@@ -116,10 +144,12 @@ def write_report(out: Path, embeddings: tuple[torch.Tensor, torch.Tensor] | None
     _plot_loss(records, report / "loss.png")
     _plot_metrics(records, summary.get("selected"), summary.get("baselines", {}), report / "metrics.png")
     images = ["metrics.png", "loss.png"]
-    if embeddings is not None:
-        _plot_tsne(*embeddings, class_names, report / "tsne.png")
-        images.append("tsne.png")
     cfg = summary["config"]
+    if embeddings is not None:
+        images += _retrieval_figures(report, embeddings, dataset, class_names, summary)
+        if cfg["eval"].get("tsne", True):
+            _plot_tsne(*embeddings, class_names, report / "tsne.png")
+            images.append("tsne.png")
     method = " + ".join(f"{t.get('weight', 1)}·{t['name']}" for t in cfg["objective"]) if cfg.get("objective") else cfg["loss"]["name"]
     rows = {**summary.get("baselines", {}), "trained (selected checkpoint)": summary["test"]}
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>deepmetric run report</title>

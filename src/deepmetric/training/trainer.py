@@ -430,5 +430,5 @@ class Trainer:
             return summary
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         test = self.splits.test if self.splits.test is not None else self.splits.gallery
-        write_report(self.out, embeddings=test_embeddings if self.config.eval.tsne else None, class_names=test.classes)
+        write_report(self.out, embeddings=test_embeddings, class_names=test.classes, dataset=test)
         return summary
