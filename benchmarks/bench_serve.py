@@ -193,7 +193,8 @@ def main() -> None:
               f"{r.get('p95_ms', 0):>8} {r.get('p99_ms', 0):>8} {r.get('max_ms', 0):>8} {r.get('wall_s', 0):>7} "
               f"{r.get('throughput_rps', 0):>7} {r['sequential_p50_ms']:>12}")
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-                          "load_average_before": [round(x, 2) for x in load_before]},
+                          "load_average_before": [round(x, 2) for x in load_before],
+                          "load_average_after": [round(x, 2) for x in os.getloadavg()]},
               "settings": {"k": K, "gallery_items": count, "distinct_queries": DISTINCT, "requests": args.requests,
                            "concurrency": args.concurrency, "repeats": args.repeats, "timeout_s": args.timeout, "budget_s": args.budget},
               "rows": rows}

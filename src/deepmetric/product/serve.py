@@ -3,8 +3,9 @@
 ``POST /search`` takes a multipart upload (``file``, optional ``k``) or a gallery item's ``id`` (JSON or form)
 and answers the top-k gallery items with distances, labels and, when the index is calibrated, match marks.
 Bad uploads get a 4xx JSON ``{"detail": ...}`` that says what was wrong; the server keeps serving.
-Embedding and search run in the thread pool under one lock: torch and faiss already spread one query over
-the cores, and a lock keeps concurrent requests from oversubscribing them (``benchmarks/bench_serve.py``).
+Decoding runs in the thread pool; embedding and search run there under one lock, so concurrent requests
+never stack model forwards (each already has torch's threads) on the cores. Serving without the lock gave
+the same throughput on 2 shared cores (``benchmarks/bench_serve.py --lock on off``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,6 @@ def create_app(index_dir: str | Path, model: str | Path | None = None, max_uploa
                           f"got {k_default}")
     app = FastAPI(title="deepmetric search", summary=f"Top-k search over {len(index)} embedded gallery items.")
     app.state.service = service
-    app.state.k_default = k_default
 
     @app.get("/health")
     def health() -> dict:
@@ -112,7 +112,7 @@ class _Service:
     def __init__(self, index: SearchIndex, embedder: Embedder, max_upload_bytes: int, max_pixels: int):
         self.index, self.embedder = index, embedder
         self.max_upload_bytes, self.max_pixels = max_upload_bytes, max_pixels
-        self.k_max = min(K_MAX, len(index) - 1)
+        self.k_max = min(K_MAX, max(1, len(index) - 1))  # a search by id leaves the item itself out
         self.lock = threading.Lock()
 
     async def read_fields(self, request: Request) -> dict:
