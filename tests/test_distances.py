@@ -92,3 +92,27 @@ def test_half_input_computed_in_float32_and_float64_kept():
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, torch.cdist(x.half().float(), y.half().float()), rtol=1e-4, atol=1e-4)
     assert distances.build("cosine")(x.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", ["cosine", "euclidean", "squared_euclidean"])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_paired_dissimilarity_equals_matrix_entries_and_their_gradients(name, with_ref):
+    torch.manual_seed(0)
+    x = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(9, 5, dtype=torch.float64, requires_grad=True) if with_ref else None
+    x.data[3] = x.data[7]  # an exact duplicate: distance 0, zero gradient for the root
+    i = torch.tensor([0, 3, 3, 11, 5])
+    j = torch.tensor([4, 7, 1, 0, 5]) if with_ref else torch.tensor([4, 7, 1, 0, 2])
+    dist = distances.build(name)
+    inputs = (x,) if ref is None else (x, ref)
+    expected = dist.dissimilarity(x, ref)[i, j]
+    got = dist.paired_dissimilarity(x, i, j, ref)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    w = torch.arange(1.0, 6.0, dtype=torch.float64)
+    grads = torch.autograd.grad((got * w).sum(), inputs)
+    for g_got, g_exp in zip(grads, torch.autograd.grad((expected * w).sum(), inputs)):
+        torch.testing.assert_close(g_got, g_exp, rtol=1e-10, atol=1e-12)
+    if name == "euclidean" and not with_ref:
+        assert got[1] == 0 and torch.isfinite(grads[0]).all()
+    assert torch.autograd.gradcheck(lambda *t: dist.paired_dissimilarity(t[0], i, j, t[1] if with_ref else None),
+                                    inputs, eps=1e-6, atol=1e-5)

@@ -81,6 +81,41 @@ class _PairwiseEuclidean(torch.autograd.Function):
         return gx, gy, None, None
 
 
+class _PairedEuclidean(torch.autograd.Function):
+    """``d²(x_i, y_j)`` (or ``d``) for listed pairs ``(i[t], j[t])`` only, by the formula of
+    :class:`_PairwiseEuclidean` (``‖x_i‖² − 2 x_iᵀy_j + ‖y_j‖²``, ``d² ≤ eps`` set to 0; for ``d`` zero gradient
+    at 0); O(T·D) instead of the O(N·M·D) matrix. ``y=None`` means ``y = x``."""
+
+    @staticmethod
+    def forward(ctx, x, y, i, j, root: bool, eps: float):
+        ref = x if y is None else y
+        nx = (x * x).sum(1)
+        ny = nx if y is None else (ref * ref).sum(1)
+        xi, yj = x[i], ref[j]
+        d = torch.add(nx[i], torch.linalg.vecdot(xi, yj), alpha=-2.0).add_(ny[j])
+        F.threshold(d, eps, 0.0, inplace=True)
+        if root:
+            d.sqrt_()
+        ctx.root = root
+        ctx.save_for_backward(x, y, i, j, xi, yj, d)
+        return d
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, y, i, j, xi, yj, d = ctx.saved_tensors
+        if ctx.root:  # ∂d/∂x_i = (x_i − y_j)/d, 0 at d = 0
+            g = torch.reciprocal(d).nan_to_num_(posinf=0.0).mul_(grad)
+        else:  # ∂d²/∂x_i = 2 (x_i − y_j)
+            g = grad * 2.0
+        diff = (xi - yj).mul_(g[:, None])
+        gx = torch.zeros_like(x).index_add_(0, i, diff)
+        if y is None:
+            return gx.index_add_(0, j, diff, alpha=-1), None, None, None, None, None
+        gy = torch.zeros_like(y).index_add_(0, j, diff, alpha=-1) if ctx.needs_input_grad[1] else None
+        return gx if ctx.needs_input_grad[0] else None, gy, None, None, None, None
+
+
 class _Normalize(torch.autograd.Function):
     """``F.normalize(x, dim=1)``, i.e. ``x̂ = x / max(‖x‖, eps)`` per row (the same values), with the backward
     ``(g − x̂ (g·x̂)) / max(‖x‖, eps)`` (the projection dropped where the norm was clamped, as autograd does)
@@ -157,7 +192,24 @@ class Distance:
         m = self(x, y)
         return -m if self.is_similarity else m
 
+    def paired_dissimilarity(
+        self, x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``dissimilarity(x, y)[i, j]`` for index vectors ``i``, ``j`` without building the matrix: the same
+        formula on the listed pairs only (dot products taken row by row, so a value can differ from the
+        matrix entry in the last bits)."""
+        x = as_compute_dtype(x)
+        y = None if y is None else as_compute_dtype(y)
+        if self.normalize or self.is_similarity:
+            x = normalize(x)
+            y = None if y is None else normalize(y)
+        d = self._paired(x, y, i, j)
+        return -d if self.is_similarity else d
+
     def _matrix(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _paired(self, x: torch.Tensor, y: torch.Tensor | None, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -176,6 +228,9 @@ class CosineSimilarity(Distance):
     def _matrix(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return gram(x, y)
 
+    def _paired(self, x: torch.Tensor, y: torch.Tensor | None, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vecdot(x[i], (x if y is None else y)[j])
+
 
 @DISTANCES.register("squared_euclidean")
 class SquaredEuclidean(Distance):
@@ -188,6 +243,9 @@ class SquaredEuclidean(Distance):
     def _matrix(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return _PairwiseEuclidean.apply(x, y, False, self.eps)
 
+    def _paired(self, x: torch.Tensor, y: torch.Tensor | None, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return _PairedEuclidean.apply(x, y, i, j, False, self.eps)
+
 
 @DISTANCES.register("euclidean")
 class Euclidean(SquaredEuclidean):
@@ -196,6 +254,9 @@ class Euclidean(SquaredEuclidean):
 
     def _matrix(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return _PairwiseEuclidean.apply(x, y, True, self.eps)
+
+    def _paired(self, x: torch.Tensor, y: torch.Tensor | None, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return _PairedEuclidean.apply(x, y, i, j, True, self.eps)
 
 
 def build(name: str, **kwargs: Any) -> Distance:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from deepmetric.distances import full_precision
 from deepmetric.errors import ConfigError
 from deepmetric.losses.base import BIG, Batch, Indices, Pairs, make_distance, make_pairs, prepare
 from deepmetric.losses.pair import multi_similarity_mining
@@ -40,7 +41,7 @@ class Miner(nn.Module):
         ref_labels: torch.Tensor | None = None,
     ) -> Indices:
         b = prepare(embeddings, labels, ref_embeddings, ref_labels)
-        with torch.no_grad(), torch.autocast(b.x.device.type, enabled=False):
+        with torch.no_grad(), full_precision(b.x.device.type):
             b = Batch(b.x.detach(), b.labels, None if b.ref is None else b.ref.detach(), b.ref_labels)
             return self.mine(b)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -16,7 +18,7 @@ def check_embeddings(x: torch.Tensor, name: str = "embeddings") -> torch.Tensor:
         raise InputError(f"{name} must have shape [N, D], got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise InputError(f"{name} must be floating point, got {x.dtype}")
-    if not bool(torch.isfinite(x.detach().sum())) and not bool(torch.isfinite(x).all()):  # a finite sum: all finite
+    if not math.isfinite(x.detach().sum()) and not bool(torch.isfinite(x).all()):  # a finite sum: all finite
         bad = int((~torch.isfinite(x)).any(dim=1).sum())
         raise InputError(
             f"{name} contain NaN or Inf in {bad} of {x.shape[0]} rows; "

@@ -117,9 +117,11 @@ def check_indices(indices: Indices, n_anchors: int, n_refs: int) -> Indices:
     anchors = indices[0::2] if len(indices) == 4 else indices[:1]
     others = indices[1::2] if len(indices) == 4 else indices[1:]
     for group, size, what in ((anchors, n_anchors, "anchor"), (others, n_refs, "reference")):
-        for t in group:
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= size):
-                raise InputError(f"{what} indices must lie in [0, {size}), got [{int(t.min())}, {int(t.max())}]")
+        t = group[0] if len(group) == 1 else torch.cat([g.to(group[0].device) for g in group])
+        if t.numel():
+            lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one reduction and one host sync per group
+            if lo < 0 or hi >= size:
+                raise InputError(f"{what} indices must lie in [0, {size}), got [{lo}, {hi}]")
     return tuple(indices)
 
 
@@ -243,17 +245,19 @@ def masked_logsumexp(
     return (m.squeeze(dim) + torch.log(s)).masked_fill(empty.squeeze(dim), float("-inf"))
 
 
-def reduce(values: torch.Tensor, weights: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Reduce ``values`` over the entries with weight 1 (``weights`` is a 0/1 float mask).
+def reduce(values: torch.Tensor, weights: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """Reduce ``values`` over the entries with weight 1 (``weights`` is a 0/1 float mask; None = all).
 
     ``mean``: mean over the mask; ``avg_nonzero``: mean over the masked entries that are > 0 (PML's
     ``AvgNonZeroReducer``; values must be ≥ 0); ``sum``. An empty selection gives 0, still attached to
     the graph. Values must be finite everywhere (0 × inf would be NaN).
     """
-    kept = values * weights
+    kept = values if weights is None else values * weights
     total = kept.sum()
     if reduction == "sum":
         return total
+    if reduction == "mean" and weights is None:
+        return total / max(values.numel(), 1)
     count = torch.count_nonzero(kept) if reduction == "avg_nonzero" else weights.sum()
     return total / count.clamp(min=1)
 

@@ -260,13 +260,17 @@ class TripletMarginLoss(PairLoss):
         self.reduction = check_reduction(reduction)
 
     def compute(self, b: Batch, indices: Indices | None) -> torch.Tensor:
-        dist = self.distance.dissimilarity(b.x, b.ref)
         if indices is not None and len(indices) == 3:
-            a, p, n = (t.to(dist.device) for t in check_indices(indices, *b.shape))
-            values = dist[a, p] - dist[a, n]
-            valid = torch.ones_like(values)
+            a, p, n = (t.to(b.x.device) for t in check_indices(indices, *b.shape))
+            if 8 * a.numel() <= b.shape[0] * b.shape[1]:  # few triplets (batch-hard): only their distances
+                d = self.distance.paired_dissimilarity(b.x, torch.cat([a, a]), torch.cat([p, n]), b.ref)
+            else:
+                dist = self.distance.dissimilarity(b.x, b.ref)
+                d = dist.take(torch.cat([a * dist.shape[1] + p, a * dist.shape[1] + n]))  # one gather
+            d_ap, d_an = d.view(2, -1)
+            values, valid = d_ap - d_an, None
         else:
-            values, valid = all_triplet_values(dist, make_pairs(b, indices))
+            values, valid = all_triplet_values(self.distance.dissimilarity(b.x, b.ref), make_pairs(b, indices))
         values = values + self.margin
         values = F.softplus(values) if self.soft_margin else torch.relu(values)
         return reduce(values, valid, self.reduction)
