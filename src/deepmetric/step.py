@@ -21,7 +21,8 @@ class StepInputs:
     ``indices`` the miner's tuples (or None); ``memory`` the cross-batch memory's ``(embeddings,
     labels)`` when it is in use and non-empty; ``epoch`` is 1-based, of ``epochs``; ``pairs`` and ``classes``
     say which rows pair up and which synthetic classes exist (see the module docstring), ``indices`` then
-    being over ``pairs``' anchors and references.
+    being over ``pairs``' anchors and references. In a distributed run every field holds the global batch
+    (all ranks' rows in rank order; :mod:`deepmetric.distributed`) except ``inputs``, which are this rank's.
     """
 
     embeddings: torch.Tensor
