@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from deepmetric import models
-from deepmetric.errors import BackboneWeightsError, UnknownNameError
+from deepmetric.errors import BackboneWeightsError, ConfigError, UnknownNameError
 from deepmetric.models import EmbeddingHead, EmbeddingModel
 
 
@@ -68,6 +68,34 @@ def test_head_and_frozen_bn():
     assert head.bn.training  # the head's BN is not frozen
     raw = EmbeddingHead(8, 4, normalize=False)(torch.ones(2, 8) * 10)
     assert not torch.allclose(raw.norm(dim=1), torch.ones(2))
+
+
+def test_identity_head_passes_the_features_through():
+    f = torch.tensor([[3.0, -1.0, 2.0], [0.5, 4.0, -2.0]])
+    square = EmbeddingHead(3, 3, normalize=False, init="identity")
+    assert torch.equal(square(f), f) and torch.equal(square.linear.bias, torch.zeros(3))
+    assert torch.equal(EmbeddingHead(3, 2, normalize=False, init="identity")(f), f[:, :2])  # first features kept
+    wide = EmbeddingHead(3, 5, normalize=False, init="identity")(f)
+    assert torch.equal(wide, torch.cat([f, torch.zeros(2, 2)], 1))  # extra outputs start at zero
+    unit = EmbeddingHead(3, 3, init="identity")(f)
+    assert torch.allclose(unit, f / f.norm(dim=1, keepdim=True))
+    assert not torch.allclose(EmbeddingHead(3, 3, normalize=False)(f), f)  # the default init is random
+
+
+def test_identity_head_trains_every_weight():
+    """Zero-initialised rows and columns still get gradients (an identity start is not a frozen one)."""
+    torch.manual_seed(0)
+    head = EmbeddingHead(4, 6, init="identity")
+    (head(torch.randn(5, 4)) * torch.randn(5, 6)).sum().backward()
+    assert (head.linear.weight.grad[4:] != 0).any() and (head.linear.weight.grad[:, :4] != 0).all()
+    model = EmbeddingModel(models.build("small_cnn", pool="flatten", width=4), EmbeddingHead(128, 128, init="identity"))
+    (model(torch.rand(3, 1, 8, 8)) * torch.randn(3, 128)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+
+
+def test_unknown_head_init_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown head init 'identiy'.*Did you mean 'identity'"):
+        EmbeddingHead(4, 4, init="identiy")
 
 
 def test_paper_aliases():

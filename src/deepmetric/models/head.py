@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepmetric.errors import ConfigError, suggest
 from deepmetric.registry import Registry
 
 HEADS: Registry[nn.Module] = Registry("head")
@@ -19,12 +20,29 @@ HEADS: Registry[nn.Module] = Registry("head")
 
 @HEADS.register("linear")
 class EmbeddingHead(nn.Module):
-    """``z = W f + b`` to ``embedding_size``, then optional BatchNorm1d and optional L2-normalisation."""
+    """``z = W f + b`` to ``embedding_size``, then optional BatchNorm1d and optional L2-normalisation.
 
-    def __init__(self, in_features: int, embedding_size: int = 128, batch_norm: bool = False, normalize: bool = True):
+    ``init="default"`` is PyTorch's Linear initialisation (a random projection of the features);
+    ``init="identity"`` sets ``W`` to the identity (rows ``i < min(in_features, embedding_size)`` pass
+    feature ``i`` through, any further rows and columns are zero) and ``b = 0``, so the untrained embedding
+    is the backbone's features themselves. With ``embedding_size == in_features`` nothing is thrown away at
+    the start: on ``digits`` a random 64-d projection of ``small_cnn``'s 512 flattened features scores
+    below the features themselves on the unseen classes, and training starts from the better point.
+    """
+
+    INITS = ("default", "identity")
+
+    def __init__(self, in_features: int, embedding_size: int = 128, batch_norm: bool = False, normalize: bool = True,
+                 init: str = "default"):
         super().__init__()
+        if init not in self.INITS:
+            raise ConfigError(f"unknown head init {init!r}.{suggest(init, self.INITS)} Valid: {', '.join(self.INITS)}")
         self.embedding_size, self.normalize = embedding_size, normalize
         self.linear = nn.Linear(in_features, embedding_size)
+        if init == "identity":
+            with torch.no_grad():
+                self.linear.weight.copy_(torch.eye(embedding_size, in_features))
+                self.linear.bias.zero_()
         self.bn = nn.BatchNorm1d(embedding_size) if batch_norm else nn.Identity()
 
     @property
