@@ -392,7 +392,9 @@ def embed(
 ) -> None:
     """Embed a data set with a trained model: vectors with sample ids, labels and image paths, in one file."""
     from deepmetric.product import embed_data, load_embedder
+    from deepmetric.product.store import check_suffix
 
+    check_suffix(out)  # before the work, not after
     embedder = load_embedder(model, checkpoint, device)
     file = embed_data(embedder, data, split, None if root is None else str(root), batch_size, progress)
     file.save(out)

@@ -53,7 +53,8 @@ def test_calibrate_then_match(gallery):
     assert not any(h["match"] for h in none)
 
 
-def test_clear_errors(gallery, tmp_path):
+def test_clear_errors(gallery, tmp_path, run_dir):
+    assert "must end in one of" in run("embed", run_dir, "--out", tmp_path / "e.csv", code=2)
     assert "k must be a positive integer" in run("search", gallery / "idx", "--id", "test/3", "-k", "0", code=2)
     assert "no index folder" in run("search", tmp_path / "nope", "--id", "x", code=2)
     assert "exactly one kind of query" in run("search", gallery / "idx", code=2)

@@ -274,7 +274,7 @@ class SearchIndex:
         try:
             return self._rows[str(id)]
         except KeyError:
-            raise InputError(f"no item {id!r} in this index (ids look like {self.ids[0]!r})"
+            raise InputError(f"no item {id!r} in this index (ids look like {self.ids[0]!r})."
                              f"{suggest(str(id), self.ids[:10_000])}") from None
 
     def vector(self, id: str) -> np.ndarray:

@@ -67,7 +67,7 @@ class Embeddings:
     def save(self, path: str | Path) -> Path:
         """Write to ``path`` in the format its suffix names (``.npz``, ``.parquet``, ``.npy``)."""
         path = Path(path)
-        _check_suffix(path)
+        check_suffix(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".npz":
             arrays = {"embeddings": self.vectors, "ids": np.asarray(self.ids, dtype=str),
@@ -91,7 +91,7 @@ class Embeddings:
     def load(cls, path: str | Path) -> Embeddings:
         """Read a file written by :meth:`save` (or a bare ``.npy`` array)."""
         path = Path(path)
-        _check_suffix(path)
+        check_suffix(path)
         if not path.is_file():
             raise DataError(f"embeddings file not found: {path} (write one with `deepmetric embed RUN --out {path}`)")
         try:
@@ -120,7 +120,8 @@ class Embeddings:
                    meta.get("paths"), meta.get("metadata", {}))
 
 
-def _check_suffix(path: Path) -> None:
+def check_suffix(path: Path) -> None:
+    """Refuse a file name whose suffix names no embeddings format."""
     if path.suffix not in FORMATS:
         raise DataError(f"embeddings file {path} must end in one of {', '.join(FORMATS)} (the suffix picks the format)")
 
