@@ -192,12 +192,28 @@ def main() -> None:
         print(f"{r['lock']:>4} {r['repeat']:>3} {r['mode']:>6} {r['requests']:>8} {r['errors']:>6} {r.get('p50_ms', 0):>8} "
               f"{r.get('p95_ms', 0):>8} {r.get('p99_ms', 0):>8} {r.get('max_ms', 0):>8} {r.get('wall_s', 0):>7} "
               f"{r.get('throughput_rps', 0):>7} {r['sequential_p50_ms']:>12}")
+    summary = []
+    for lock in args.lock:
+        for mode in work:
+            mine = [r for r in rows if r["lock"] == lock and r["mode"] == mode]
+            rates = [r.get("throughput_rps", 0.0) for r in mine]
+            summary.append({"lock": lock, "mode": mode, "requests": sum(r["requests"] for r in mine),
+                            "errors": sum(r["errors"] for r in mine),
+                            "throughput_rps": {"median": round(statistics.median(rates), 1), "min": min(rates), "max": max(rates)},
+                            "p50_ms_median": round(statistics.median(r.get("p50_ms", 0.0) for r in mine), 1),
+                            "p99_ms_median": round(statistics.median(r.get("p99_ms", 0.0) for r in mine), 1),
+                            "sequential_p50_ms_median": round(statistics.median(r["sequential_p50_ms"] for r in mine), 1)})
+    print("\nover the repeats (median; throughput min-max):")
+    for r in summary:
+        t = r["throughput_rps"]
+        print(f"  lock {r['lock']:>3} {r['mode']:>6}: {r['requests']} requests, {r['errors']} errors, "
+              f"{t['median']} req/s ({t['min']}-{t['max']}), p50 {r['p50_ms_median']} ms, p99 {r['p99_ms_median']} ms")
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
                           "load_average_before": [round(x, 2) for x in load_before],
                           "load_average_after": [round(x, 2) for x in os.getloadavg()]},
               "settings": {"k": K, "gallery_items": count, "distinct_queries": DISTINCT, "requests": args.requests,
                            "concurrency": args.concurrency, "repeats": args.repeats, "timeout_s": args.timeout, "budget_s": args.budget},
-              "rows": rows}
+              "summary": summary, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
