@@ -164,3 +164,10 @@ def test_image_of_an_item_with_a_file(tmp_path):
     assert img.size == (5, 4) and img.getpixel((0, 0)) == (10, 20, 30)
     with pytest.raises(DataError, match="no image file"):
         SearchIndex.build(X[:1], ["a"]).image("a")
+
+
+def test_rescoring_in_chunks_gives_the_same_hits(monkeypatch):
+    index = SearchIndex.build(X[:300], IDS[:300], metadata={"distance": "euclidean"}, kind="flat")
+    whole = index.search(X[:50], 4)
+    monkeypatch.setattr(index_module, "RESCORE_BUDGET", 4 * 4 * 16 * 3)  # 3 queries per chunk
+    assert index.search(X[:50], 4) == whole

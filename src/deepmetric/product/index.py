@@ -44,6 +44,7 @@ IVFPQ_FROM = 2_000_000
 RECALL_K = 10
 RECALL_QUERIES = 1000
 IVFPQ_CANDIDATES = 4
+RESCORE_BUDGET = 256 * 2**20  # bytes of gathered candidate vectors per re-scoring chunk
 FILES = ("index.faiss", "items.npz", "metadata.json")
 REQUIRED = ("embedding_size", "distance", "normalize", "kind", "count")
 
@@ -237,13 +238,17 @@ class SearchIndex:
         """Exact distances ``[q, k]`` (ascending) and rows of the ``k`` best candidates faiss finds."""
         factor = IVFPQ_CANDIDATES if self.metadata["kind"] == "ivfpq" else 1
         _, cand = self._index.search(ops, min(len(self), k * factor))
-        q = torch.from_numpy(ops)
-        g = torch.from_numpy(self._ops)[torch.from_numpy(cand).clamp_min(0)]  # [q, c, D]
-        if self.metadata["distance"] == "cosine":
-            dist = (1.0 - torch.einsum("qd,qcd->qc", q, g)).clamp_min_(0.0)
-        else:
-            dist = (q[:, None, :] - g).pow(2).sum(-1).sqrt()
-        dist = dist.masked_fill(torch.from_numpy(cand < 0), torch.inf).numpy()
+        gallery = torch.from_numpy(self._ops)
+        rows = max(1, RESCORE_BUDGET // (4 * cand.shape[1] * ops.shape[1]))  # [rows, c, D] gathered at a time
+        dist = np.empty(cand.shape, np.float32)
+        for start in range(0, len(ops), rows):
+            q = torch.from_numpy(ops[start : start + rows])
+            g = gallery[torch.from_numpy(cand[start : start + rows]).clamp_min(0)]
+            if self.metadata["distance"] == "cosine":
+                dist[start : start + rows] = (1.0 - torch.einsum("qd,qcd->qc", q, g)).clamp_min_(0.0).numpy()
+            else:
+                dist[start : start + rows] = (q[:, None, :] - g).pow(2).sum(-1).sqrt().numpy()
+        dist[cand < 0] = np.inf
         order = np.lexsort((cand, dist), axis=1)[:, :k]  # by distance, then row (ties: lower row first)
         return np.take_along_axis(dist, order, 1), np.take_along_axis(cand, order, 1)
 
