@@ -29,6 +29,13 @@ def test_readme_has_blocks_and_starts_with_the_two_commands():
     assert all(lang in {"python", "bash", "yaml", "text"} for lang, _ in BLOCKS)
 
 
+def test_readme_serves_and_shows_the_page():
+    lines = [line.strip() for lang, code in BLOCKS if lang == "bash" for line in code.splitlines()]
+    assert any(line.startswith("deepmetric serve ") for line in lines)  # started for real by test_shell_blocks
+    shots = re.findall(r"!\[[^\]]*\]\((docs/[^)]+\.png)\)", (ROOT / "README.md").read_text())
+    assert "docs/serve.png" in shots and all((ROOT / shot).is_file() for shot in shots)
+
+
 def test_python_blocks(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
