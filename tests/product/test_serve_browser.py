@@ -64,7 +64,11 @@ def browser_context(tmp_path_factory):
 
 @pytest.fixture
 def page(browser_context, url):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=20_000)  # a loaded CI machine: wait longer than playwright's 5 s
     page = browser_context.new_page()
+    page.set_default_timeout(20_000)
     page.goto(url)
     yield page
     page.close()
@@ -81,9 +85,10 @@ def upload(page, name: str, data: bytes, kind: str = "image/png") -> None:
 
 
 def cards(page) -> list[dict]:
+    """The result cards, once every picture on the page has loaded."""
+    page.wait_for_function("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
     return page.eval_on_selector_all("#hits li", """cards => cards.map(c => ({
-        id: c.dataset.id, cls: c.className, text: c.innerText,
-        loaded: c.querySelector('img').complete && c.querySelector('img').naturalWidth > 0}))""")
+        id: c.dataset.id, cls: c.className, text: c.innerText, picture: c.querySelector('img').naturalWidth}))""")
 
 
 def test_upload_shows_k_cards_with_distances_labels_and_match_marks(page, url, calibrated_index, tmp_path):
@@ -104,7 +109,7 @@ def test_upload_shows_k_cards_with_distances_labels_and_match_marks(page, url, c
     for card, hit in zip(shown, api):
         assert f"#{hit['rank']}" in card["text"] and f"label {hit['label']}" in card["text"]
         assert f"cosine {hit['distance']:.4f}" in card["text"]
-        assert ("✓ match" if hit["match"] else "✗ no match") in card["text"] and card["loaded"]
+        assert ("✓ match" if hit["match"] else "✗ no match") in card["text"] and card["picture"] == 128
         assert card["cls"] == f"hit {'match' if hit['match'] else 'no-match'}"
     assert {h["match"] for h in api} == {True, False}  # the page shows both marks
     expect(page.locator("#error")).to_be_hidden()
