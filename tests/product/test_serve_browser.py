@@ -142,6 +142,8 @@ def test_a_bad_upload_shows_the_error_and_the_next_upload_works(page, calibrated
     expect(page.locator("#error")).to_be_visible()
     expect(page.locator("#error")).to_contain_text("415: the upload is not an image")
     expect(page.locator("#hits li")).to_have_count(0)
+    expect(page.locator("#query-image")).to_be_hidden()  # no broken picture for a non-image
+    expect(page.locator("#results-title")).to_have_text("Results")
     page.fill("#k", "0")
     upload(page, "five.png", png_of(SearchIndex.load(calibrated_index), "test/0"))
     expect(page.locator("#error")).to_contain_text("422: k must be between 1 and 100")

@@ -15,8 +15,9 @@ function element(tag, attrs = {}, text = null) {
   return node;
 }
 
-function showQuery(src, caption) {
-  $("query-image").src = src;
+function showQuery(src, caption) {  // src null: nothing the browser can draw (the server will say why)
+  $("query-image").hidden = src === null;
+  if (src !== null) $("query-image").src = src;
   $("query-caption").textContent = caption;
   $("query").hidden = false;
 }
@@ -51,6 +52,7 @@ async function search(body) {
     const result = await response.json();
     if (!response.ok) {
       $("hits").replaceChildren();
+      $("results-title").textContent = "Results";
       showError(`${response.status}: ${result.detail}`);
       return;
     }
@@ -64,7 +66,7 @@ function k() { return $("k").value || String(health ? health.k_default : 8); }
 
 function searchUpload(file) {
   document.querySelectorAll(".picks button").forEach((b) => b.classList.remove("chosen"));
-  showQuery(URL.createObjectURL(file), `upload: ${file.name}`);
+  showQuery(file.type.startsWith("image/") ? URL.createObjectURL(file) : null, `upload: ${file.name}`);
   const form = new FormData();
   form.append("file", file);
   form.append("k", k());
