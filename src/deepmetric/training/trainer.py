@@ -129,7 +129,7 @@ class Trainer:
         self.amp_dtype = resolve_amp(config.train.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         # what runs the training forward: the model, or its DDP wrapper (rank 0's weights, gradients averaged);
-        # the loss and augmenter parameters see the global batch on every rank and are averaged by _update
+        # the loss and augmenter parameters see the global batch on every rank; _forward_backward averages them
         self.train_model: torch.nn.Module = self.model
         in_model = {id(p) for p in self.model.parameters()}
         self.shared_params = [p for p in [*self.objective.parameters(), *(self.augmenter.parameters() if self.augmenter
