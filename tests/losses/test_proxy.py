@@ -550,18 +550,28 @@ def kernel_cases():
                        lambda s, y: P._reference_softmax_ce(s, y, 20.0, None), "sy"),
         "softmax_ce_arcface": (lambda s, y: P.softmax_cross_entropy(s, y, 64.0, arc.target),
                                lambda s, y: P._reference_softmax_ce(s, y, 64.0, arc.target), "sy"),
+        "cosine_softmax_ce": (lambda x, w: P.cosine_softmax_cross_entropy(x, w, KERNEL_LABELS, 20.0),
+                              lambda x, w: P._reference_softmax_ce(P._reference_cosine(x, w), KERNEL_LABELS, 20.0, None),
+                              "xw"),
+        "cosine_softmax_ce_arcface": (
+            lambda x, w: P.cosine_softmax_cross_entropy(x, w, KERNEL_LABELS, 64.0, arc.target),
+            lambda x, w: P._reference_softmax_ce(P._reference_cosine(x, w), KERNEL_LABELS, 64.0, arc.target), "xw"),
         "relaxed": (lambda s, y: P.relaxed_class_similarity(s, 3, 0.1),
                     lambda s, y: P._reference_relaxed(s, 3, 0.1), "sy"),
     }
 
 
-@pytest.mark.parametrize("case", ["cosine", "proxy_anchor", "softmax_ce", "softmax_ce_arcface", "relaxed"])
+KERNEL_LABELS = torch.tensor([0, 2, 2, 5, 0, 1])
+
+
+@pytest.mark.parametrize("case", ["cosine", "proxy_anchor", "softmax_ce", "softmax_ce_arcface", "cosine_softmax_ce",
+                                  "cosine_softmax_ce_arcface", "relaxed"])
 def test_fused_kernels_equal_their_autograd_references(case):
     """Values, gradients and (through the differentiable fallback) second derivatives of each
     hand-differentiated kernel equal the plain autograd composition; labels with repeats, absent classes."""
     fused, reference, kind = kernel_cases()[case]
     g = torch.Generator().manual_seed(0)
-    y = torch.tensor([0, 2, 2, 5, 0, 1])
+    y = KERNEL_LABELS
     if kind == "xw":
         inputs = (torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(9, 4, generator=g, dtype=torch.float64))
         f, r = fused, reference
