@@ -222,7 +222,7 @@ def _parse_k(value: object, k_max: int) -> int:
         raise HTTPException(422, f"k must be a whole number between 1 and {k_max}, got {value!r}")
     k = int(value)
     if not 1 <= k <= k_max:
-        raise HTTPException(422, f"k must be between 1 and {k_max} (the gallery's size, at most {K_MAX}), got {k}")
+        raise HTTPException(422, f"k must be between 1 and {k_max}, got {k}")
     return k
 
 
