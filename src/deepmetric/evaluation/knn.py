@@ -337,6 +337,11 @@ def knn(
 
 def symmetric_block(n: int, memory_budget: int) -> int:
     """Block size B of the symmetric pass (two ``B x B`` float32 blocks within the budget), or 0 when
-    there is a single block (nothing to share)."""
+    there is a single block (nothing to share). Of the block sizes that need the fewest blocks, the
+    smallest multiple of 16 is taken, so the zero-padded last block wastes little (20,000 items: 10 blocks
+    of 2,000 instead of 2,048, 5 % fewer products)."""
     block = min(_SYMMETRIC_BLOCK, math.isqrt(memory_budget // (2 * 4)))
-    return block if n > block >= 16 else 0
+    if not n > block >= 16:
+        return 0
+    even = 16 * -(-n // (16 * -(-n // block)))  # ceil(n / number of blocks), rounded up to 16
+    return even if even <= block else block
