@@ -141,3 +141,13 @@ def test_distributed_settings_are_checked(monkeypatch):
         resolve_amp("fp16", torch.device("cpu"))
     assert resolve_amp(True, torch.device("cpu")) is None and resolve_amp(True, torch.device("cuda")) is torch.float16
     assert resolve_amp("bf16", torch.device("cpu")) is torch.bfloat16 and resolve_amp(False, torch.device("cuda")) is None
+
+
+def test_torchrun_launch_needs_an_out_folder(monkeypatch):
+    from typer.testing import CliRunner
+
+    from deepmetric.cli import app
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(app, ["train", "--set", "train.epochs=1"])
+    assert result.exit_code == 2 and "--out" in result.output
