@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from deepmetric.errors import ConfigError
-from deepmetric.samplers import DistributedBatchSampler, FixedRepresentativeSampler, MPerClassSampler
+from deepmetric.samplers import BatchSampler, DistributedBatchSampler, FixedRepresentativeSampler, MPerClassSampler
 
 LABELS = np.repeat(np.arange(6), [8, 8, 7, 9, 8, 8])  # 48 samples, uneven classes
 
@@ -22,7 +22,7 @@ def shares(world, epoch=0, labels=LABELS, **kw):
     return out, list(plan)
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 5])
+@pytest.mark.parametrize("world", [1, 2, 3, 5, 9])
 def test_ranks_cover_the_plan_once_in_step_order_with_equal_step_counts(world):
     per_rank, plan = shares(world)
     steps = -(-len(plan) // world)
@@ -59,3 +59,25 @@ def test_pair_rule_and_observe_apply_per_rank_block():
 def test_rank_outside_the_world_is_an_error():
     with pytest.raises(ConfigError, match="rank"):
         DistributedBatchSampler(MPerClassSampler(LABELS, 4, 8), 2, 2)
+
+
+class Stateful(BatchSampler):
+    """Four batches, each drawn from ``state`` when it is drawn (as fixed representatives' mining reads the
+    embeddings observed so far)."""
+
+    state = 0
+
+    def __len__(self):
+        return 4
+
+    def __iter__(self):
+        for _ in range(4):
+            yield [self.state]
+
+
+def test_batches_are_drawn_step_by_step_not_at_the_start_of_the_epoch():
+    base = Stateful()
+    steps = iter(DistributedBatchSampler(base, rank=1, world_size=2))
+    assert next(steps) == [0]
+    base.state = 7  # what observe() would change after the first step
+    assert next(steps) == [7]

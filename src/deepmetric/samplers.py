@@ -349,9 +349,21 @@ class DistributedBatchSampler(BatchSampler):
         self.sampler.set_epoch(epoch, pass_)
 
     def __iter__(self) -> Iterator[list[int]]:
-        plan = list(self.sampler)
-        for step in range(len(self)):
-            yield plan[(step * self.world_size + self.rank) % len(plan)]
+        # lazily, W batches of the plan per step: a sampler that reads state (fixed representatives' mining)
+        # draws each batch as late as in one process
+        first: list[list[int]] = []  # the plan's first W batches, to top up the last step
+        step: list[list[int]] = []
+        count = 0
+        for batch in self.sampler:
+            count += 1
+            if len(first) < self.world_size:
+                first.append(batch)
+            step.append(batch)
+            if len(step) == self.world_size:
+                yield step[self.rank]
+                step = []
+        if step:  # position j of the last step is batch (n - k + j) mod n of the plan, k = len(step)
+            yield (step + [first[(j - len(step)) % count] for j in range(len(step), self.world_size)])[self.rank]
 
     def pair_rule(self, n: int, device: torch.device) -> PairRule | None:
         block = n // self.world_size
