@@ -21,6 +21,7 @@ from torch import nn
 from deepmetric import distributed
 from deepmetric.distances import as_compute_dtype
 from deepmetric.errors import ConfigError
+from deepmetric.losses.pair import NTXentLoss
 from deepmetric.registry import Registry
 
 if TYPE_CHECKING:
@@ -166,6 +167,69 @@ class ProximalRegularizer(Regularizer):
 
     def extra_repr(self) -> str:
         return f"lifetime={self.lifetime}"
+
+
+def affine_views(x: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Every image of ``x [B, C, H, W]`` rotated by ``angle [B]`` (radians, counter-clockwise as displayed,
+    row 0 at the top) and scaled by ``scale [B]`` about its centre, then shifted by ``shift [B, 2]`` pixels
+    (right, down); bilinear resampling, zero fill outside. Integer shifts with no rotation or scaling move
+    pixels exactly."""
+    if x.dim() != 4:
+        raise ConfigError(f"view_contrast needs image inputs [B, C, H, W], got shape {tuple(x.shape)}; "
+                          "use it with an image or digits data set")
+    _, _, h, w = x.shape
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    # output pixel p samples the input at A p + t, in normalised [-1, 1] coordinates (align_corners=False)
+    theta = torch.stack([torch.stack([cos, -sin * h / w, -shift[:, 0] * 2 / w], 1),
+                         torch.stack([sin * w / h, cos, -shift[:, 1] * 2 / h], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_views(x: torch.Tensor, shift: float = 1.0, rotate: float = 10.0, scale: float = 0.1) -> torch.Tensor:
+    """A random :func:`affine_views` of every image, drawn independently per image from torch's RNG: rotation
+    by U(−rotate, rotate) degrees, scaling by U(1 − scale, 1 + scale), shift by U(−shift, shift) pixels along
+    each axis. All zero gives ``x`` back."""
+    u = torch.rand(x.shape[0], 4, device=x.device) * 2 - 1
+    return affine_views(x, u[:, 0] * (rotate * torch.pi / 180), 1 + u[:, 1] * scale, u[:, 2:] * shift)
+
+
+@register("view_contrast")
+class ViewContrast(Regularizer):
+    """Self-supervised view contrast: SimCLR's NT-Xent (Chen, Kornblith, Norouzi & Hinton, ICML 2020) between
+    two random views (:func:`random_views`) of every image of the batch, beside the supervised loss.
+
+    The model embeds two views of the step's inputs; over the ``2B`` embeddings each view's positive is the
+    other view of the same image and its negatives are the ``2B − 2`` other views, ``ℓ = −log(e^{s⁺/τ} /
+    Σ_{j≠i} e^{s_ij/τ})`` on cosine similarity, mean over the ``2B`` rows: the
+    :class:`~deepmetric.losses.pair.NTXentLoss` with every image its own class. The term needs no labels,
+    so it teaches invariances valid for any class, also unseen ones. τ defaults to 0.5, the value of
+    SimCLR's CIFAR-10 runs. The views are embedded outside the trainer's autocast region. In a distributed
+    run each rank contrasts the views of its own batch (negatives are per rank, not gathered) through the
+    model without the DDP wrapper, so DDP averages the ranks' terms' gradients (not tested under DDP).
+    """
+
+    def __init__(self, temperature: float = 0.5, shift: float = 1.0, rotate: float = 10.0, scale: float = 0.1):
+        super().__init__()
+        if temperature <= 0 or shift < 0 or rotate < 0 or not 0 <= scale < 1:
+            raise ConfigError("view_contrast: need temperature > 0, shift >= 0, rotate >= 0 and 0 <= scale < 1; "
+                              f"got temperature={temperature}, shift={shift}, rotate={rotate}, scale={scale}")
+        self.shift, self.rotate, self.scale = shift, rotate, scale
+        self.ntxent = NTXentLoss(temperature)
+
+    def contrast(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """NT-Xent of the paired views ``a[i] ↔ b[i]`` (``[B, D]`` each)."""
+        ids = torch.arange(a.shape[0], device=a.device)
+        return self.ntxent(torch.cat([a, b]), torch.cat([ids, ids]))
+
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        x = step.inputs
+        views = random_views(torch.cat([x, x]), self.shift, self.rotate, self.scale)
+        a, b = step.model(views).chunk(2)
+        return self.contrast(a, b)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.ntxent.temperature}, shift={self.shift}, rotate={self.rotate}, scale={self.scale}"
 
 
 def build(name: str, **kwargs: Any) -> nn.Module:
