@@ -1,7 +1,7 @@
 """deepmetric.evaluate vs pytorch-metric-learning's AccuracyCalculator, side by side in one run.
 
-Cases: CUB-like (5,924 items, 100 classes) and, with ``--full``, SOP-like (60,502 items, 11,316
-classes), at D = 128 and 512; clustered synthetic embeddings generated as in /work/shared/pml-baseline.md
+Cases: CUB-like (5,924 items, 100 classes), SOP-like at 20,000 items (3,741 classes) and, with
+``--full``, SOP-like at full size (60,502 items, 11,316 classes), at D = 128 and 512; clustered synthetic embeddings generated as in /work/shared/pml-baseline.md
 ("Eval data"): random unit class centres + Gaussian noise of norm 2 (D/128)^(1/4), L2-normalised.
 
 For every case, each of these runs in its own subprocess (2 threads), which reports its time; the
@@ -14,8 +14,9 @@ parent takes the child's peak RSS from ``wait4`` and the CPU used by *other* pro
 - ``ours_all`` / ``pml_all``: the same plus NMI and AMI (faiss k-means, 20 iterations);
 - ``ours_map``: mAP over the full ranking (no PML counterpart: PML's MAP is at k).
 
-Usage: ``python benchmarks/bench_evaluation.py`` (quick: CUB only) or ``--full`` (adds SOP; ~10 min).
-Writes benchmarks/results/bench_evaluation.json.
+Usage: ``python benchmarks/bench_evaluation.py`` (CUB and SOP at 20k) or ``--full`` (adds full SOP; ~10 min);
+``--cases sop20k`` runs some cases only.
+Merges its rows into benchmarks/results/bench_evaluation.json (rows of cases not run are kept).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 
 IMPLS = ("floor", "ours_knn", "pml_knn", "ours_all", "pml_all", "ours_map")
-CASES = {"cub": (5924, 100), "sop": (60502, 11316)}
+CASES = {"cub": (5924, 100), "sop20k": (20000, 3741), "sop": (60502, 11316)}
 PML_KNN = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 OURS_KNN = ["recall@k", "r_precision", "map@r"]
 
@@ -101,7 +102,7 @@ def child(impl: str, case: str, dim: int) -> None:
         start = time.perf_counter()
         values = run()
         times.append(time.perf_counter() - start)
-    print(json.dumps({"time_s": statistics.median(times), "runs": len(times), "setup_rss_mb": setup_rss_mb,
+    print(json.dumps({"time_s": statistics.median(times), "runs": len(times), "times_s": times, "setup_rss_mb": setup_rss_mb,
                       "values": {k: float(v) for k, v in values.items()}}))
 
 
@@ -136,21 +137,32 @@ def main() -> None:
     parser.add_argument("--child", nargs=3, metavar=("IMPL", "CASE", "DIM"), help=argparse.SUPPRESS)
     parser.add_argument("--full", action="store_true", help="also run the SOP-like case (minutes)")
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), help="only these cases (default: all but sop, "
+                        "which --full adds)")
+    parser.add_argument("--rounds", type=int, default=1, help="run every implementation this many times, "
+                        "interleaved (fresh processes); times are medians over rounds, peak RSS the maximum")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_evaluation.json"))
     args = parser.parse_args()
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]))
         return
-    cases = ["cub", "sop"] if args.full else ["cub"]
+    cases = args.cases or (list(CASES) if args.full else ["cub", "sop20k"])
     rows = []
     for case in cases:
         for dim in args.dims:
-            row = {"case": case, "n": CASES[case][0], "classes": CASES[case][1], "dim": dim}
-            for impl in IMPLS:
-                r = run_child(impl, case, dim)
-                row[impl] = r
-                print(f"  {case} D={dim} {impl}: {r['time_s']:.3f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
-                      f"other CPU {r.get('other_cpu_frac')}", flush=True)
+            row = {"case": case, "n": CASES[case][0], "classes": CASES[case][1], "dim": dim, "rounds": args.rounds}
+            runs: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
+            for _ in range(args.rounds):  # ours and PML alternate, so load from other processes hits both
+                for impl in IMPLS:
+                    r = run_child(impl, case, dim)
+                    runs[impl].append(r)
+                    print(f"  {case} D={dim} {impl}: {r['time_s']:.3f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+                          f"other CPU {r.get('other_cpu_frac')}", flush=True)
+            for impl, rs in runs.items():
+                row[impl] = {**rs[-1], "time_s": statistics.median(r["time_s"] for r in rs),
+                             "round_times_s": [r["time_s"] for r in rs],
+                             "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+                             "other_cpu_frac": max(r["other_cpu_frac"] for r in rs)}
             rows.append(_summarise(row))
     _print_table(rows)
     out = Path(args.out)
@@ -164,7 +176,11 @@ def main() -> None:
         env.update(torch=torch.__version__, faiss=faiss.__version__, pml=pytorch_metric_learning.__version__)
     except ImportError:
         pass
-    out.write_text(json.dumps({"env": env, "full": args.full, "cases": rows}, indent=2) + "\n")
+    new = {(r["case"], r["dim"]) for r in rows}  # rows of cases not run now are kept
+    kept = [r for r in json.loads(out.read_text())["cases"] if (r["case"], r["dim"]) not in new] if out.is_file() else []
+    order = list(CASES)
+    merged = sorted(kept + rows, key=lambda r: (order.index(r["case"]), r["dim"]))
+    out.write_text(json.dumps({"env": env, "cases": merged}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -8,7 +8,7 @@ proxies get gradients too) run for B in {128, 512}, D in {128, 512} and C in {10
 FastAP, Smooth-AP with the query kept in its retrieval set as PML and the official code do) use the pair
 grid. Both libraries are configured to the same
 definition (PML defaults where PML has them). Every case runs in fresh subprocesses with 2 threads
-(``OMP_NUM_THREADS=2``, ``torch.set_num_threads(2)``) and an address-space cap (``RLIMIT_AS``, 20 GiB),
+(``OMP_NUM_THREADS=2``, ``torch.set_num_threads(2)``; ``--threads`` changes it) and an address-space cap (``RLIMIT_AS``, 20 GiB),
 so a blow-up is an allocation error, not the OOM killer:
 
 * timing: one subprocess runs both libraries, alternating blocks of 5 steps (ours ×5, PML ×5, ...), so
@@ -137,6 +137,7 @@ CASES: dict[str, dict] = {
 PROXY_CLASSES = (100, 11318)
 LIBS = ("ours", "pml")
 AS_LIMIT = 20 * 2**30
+THREADS = 2  # per child process (--threads)
 
 
 def family(case: str) -> str:
@@ -169,7 +170,7 @@ def child(mode: str, case: str, batch: int, dim: int, device: str, quick: bool, 
 
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     kind, _, only = mode.partition("_")
     libs = (only,) if only else LIBS
     built = {lib: _build(lib, case, device, dim, classes) for lib in libs}
@@ -239,7 +240,7 @@ def run_child(mode: str, case: str, batch: int, dim: int, device: str, quick: bo
     """Run ``child`` in a fresh interpreter (2 threads, AS cap); adds the other processes' CPU share.
 
     A timing run during which other processes used more than 25% of the machine is retried once."""
-    env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
     kind = mode.partition("_")[0]
     cmd = [sys.executable, __file__, "--child", json.dumps([mode, case, batch, dim, device, quick, classes])]
     limit = None if device.startswith("cuda") else AS_LIMIT
@@ -304,9 +305,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     ap.add_argument("--batch-sizes", nargs="*", type=int, default=None, help="only these B (default: the grid's)")
+    ap.add_argument("--threads", type=int, default=2, help="threads per process (1: on a machine shared with other "
+                    "jobs, sub-millisecond 2-thread steps mostly time waits for a core; write those to another --out)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_losses.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global THREADS
+    THREADS = args.threads
     if args.child:
         print(json.dumps(child(*json.loads(args.child))))
         return
@@ -353,7 +358,7 @@ def main() -> None:
         "quick": args.quick,
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
-        "threads": 2,
+        "threads": THREADS,
         "torch": torch.__version__,
         "pytorch_metric_learning": pytorch_metric_learning.__version__,
         "python": platform.python_version(),
