@@ -116,3 +116,14 @@ def test_paired_dissimilarity_equals_matrix_entries_and_their_gradients(name, wi
         assert got[1] == 0 and torch.isfinite(grads[0]).all()
     assert torch.autograd.gradcheck(lambda *t: dist.paired_dissimilarity(t[0], i, j, t[1] if with_ref else None),
                                     inputs, eps=1e-6, atol=1e-5)
+
+
+def test_full_precision_disables_autocast_only_where_it_is_enabled():
+    a = torch.randn(4, 4)
+    with distances.full_precision("cpu"):  # nothing to disable: a plain context
+        assert not torch.is_autocast_enabled("cpu") and (a @ a).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (a @ a).dtype == torch.bfloat16
+        with distances.full_precision("cpu"):
+            assert (a @ a).dtype == torch.float32
+        assert (a @ a).dtype == torch.bfloat16  # restored on exit
