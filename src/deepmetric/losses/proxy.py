@@ -204,16 +204,19 @@ def softmax_cross_entropy(sim: torch.Tensor, labels: torch.Tensor, scale: float,
 
 
 class _CosineSoftmaxCE(torch.autograd.Function):
-    """:func:`softmax_cross_entropy` of :func:`cosine_to_proxies` in one node: the cosines (the same values)
-    are scaled in place into the logits, and the backward scales the softmax buffer in place by
-    ``scale / (B ‖x_b‖ ‖w_p‖)`` before the two products: three ``[B, C]`` passes and two ``[B, C]``
-    allocations fewer than the two nodes, which at C = 11,318 is most of the work besides the products."""
+    """:func:`softmax_cross_entropy` of :func:`cosine_to_proxies` in one node. The operands are normalised
+    before the product (``x̂ ŵᵀ``; ``[B, D]`` and ``[C, D]`` passes instead of ``[B, C]`` ones), the cosines
+    become logits in place, and the backward reuses the softmax buffer for ``∂/∂cos``, then ``∂x̂ = G ŵ``,
+    ``∂ŵ = Gᵀ x̂`` and the normalisations' backward ``(∂v̂ − v̂ (v̂·∂v̂)) / ‖v‖``. Against the two nodes this
+    saves most ``[B, C]`` passes and allocations, which at C = 11,318 are the work besides the products; the
+    cosines can differ from ``x ŵᵀ / ‖x‖`` in the last bit."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: float, target: Target):
-        x_norm = x.norm(dim=1).clamp_(min=1e-12)
-        w_norm = w.norm(dim=1).clamp_(min=1e-12)
-        z = (x @ w.T).div_(x_norm[:, None]).div_(w_norm)  # the cosines, as _Cosine computes them
+        x_norm = x.norm(dim=1, keepdim=True).clamp_(min=1e-12)  # as F.normalize: v / max(‖v‖, 1e-12)
+        w_norm = w.norm(dim=1, keepdim=True).clamp_(min=1e-12)
+        x_hat, w_hat = x / x_norm, w / w_norm
+        z = x_hat @ w_hat.T
         col = labels[:, None]
         slope = None
         if target is not None:
@@ -222,13 +225,13 @@ class _CosineSoftmaxCE(torch.autograd.Function):
         if target is not None:
             z.scatter_(1, col, (value * scale)[:, None])
         log_p = torch.log_softmax(z, 1)
-        ctx.save_for_backward(x, x_norm, w, w_norm, labels, slope, log_p)
+        ctx.save_for_backward(x, w, x_hat, x_norm, w_hat, w_norm, labels, slope, log_p)
         ctx.scale, ctx.target = scale, target
         return -log_p.gather(1, col).mean()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, x_norm, w, w_norm, labels, slope, log_p = ctx.saved_tensors
+        x, w, x_hat, x_norm, w_hat, w_norm, labels, slope, log_p = ctx.saved_tensors
         scale, target = ctx.scale, ctx.target
         if torch.is_grad_enabled():
             return *_differentiable_backward(
@@ -240,14 +243,14 @@ class _CosineSoftmaxCE(torch.autograd.Function):
         g_y = (g.gather(1, col) - 1) * c
         if slope is not None:
             g_y = g_y * slope[:, None]
-        g.mul_(c / x_norm[:, None]).scatter_(1, col, g_y / x_norm[:, None]).div_(w_norm)  # ∂/∂(xᵀw)
+        g.mul_(c).scatter_(1, col, g_y)  # ∂/∂cos
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            u = g @ w
-            gx = u.addcmul_(x, (torch.linalg.vecdot(x, u) / x_norm.square())[:, None], value=-1)
+            u = g @ w_hat
+            gx = u.addcmul_(x_hat, torch.linalg.vecdot(x_hat, u)[:, None], value=-1).div_(x_norm)
         if ctx.needs_input_grad[1]:
-            v = g.T @ x
-            gw = v.addcmul_(w, (torch.linalg.vecdot(w, v) / w_norm.square())[:, None], value=-1)
+            v = g.T @ x_hat
+            gw = v.addcmul_(w_hat, torch.linalg.vecdot(w_hat, v)[:, None], value=-1).div_(w_norm)
         return gx, gw, None, None, None
 
 
