@@ -32,3 +32,4 @@ def test_a_run_report_shows_both_figures_without_tsne(tmp_path, fast_overrides):
     assert not (report / "tsne.png").exists()
     html = (report / "report.html").read_text()
     assert 'src="recall_at_k.png"' in html and 'src="worst_queries.png"' in html
+    assert "<h2>Recall@K on the test classes</h2>" in html and "<h2>recall_at_k</h2>" not in html

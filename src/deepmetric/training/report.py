@@ -22,6 +22,14 @@ from deepmetric.training.retrieval_figures import neighbours, plot_recall_at_k, 
 from deepmetric.training.runfolder import read_records  # noqa: E402
 
 LEAD_METRICS = ("map@r", "r_precision", "recall@1", "recall@2", "recall@4", "recall@8", "nmi")
+#: The report page's heading for each figure.
+FIGURE_TITLES = {
+    "metrics.png": "Retrieval metrics per epoch",
+    "loss.png": "Training loss",
+    "recall_at_k.png": "Recall@K on the test classes",
+    "worst_queries.png": "The worst test queries and their nearest neighbours",
+    "tsne.png": "t-SNE map of the test embeddings",
+}
 
 
 def selection_text(selected: dict[str, Any] | None) -> str:
@@ -174,7 +182,7 @@ Test = classes never seen in training; MAP@R leads because Recall@1 saturates ea
 <p class="note">{html.escape(selection_text(summary.get('selected')))}</p>
 <p class="note">{html.escape(comparison_text(summary, cfg['train']['select_metric']))}</p>
 <h2>Test metrics</h2>{_table(rows)}
-{''.join(f'<h2>{html.escape(i[:-4])}</h2><img src="{i}" alt="{i}">' for i in images)}
+{''.join(f'<h2>{html.escape(FIGURE_TITLES.get(i, i[:-4]))}</h2><img src="{i}" alt="{i}">' for i in images)}
 </body></html>"""
     path = report / "report.html"
     path.write_text(page)
