@@ -113,11 +113,13 @@ class BatchHardMiner(_DistanceMiner):
 
     def mine(self, b: Batch) -> Indices:
         d = self.dissimilarity(b)
-        pairs = make_pairs(b, None)
-        a = _both(pairs)
-        k = (pairs.positives(d) + pairs.pos_add).argmax(1)
-        n = (d - pairs.neg_add).argmin(1)
-        return a, pairs.pos_idx[a, k[a]], n[a]
+        same = b.labels[:, None] == b.ref_labels[None, :]  # dense [B, R] masks: a few passes, no [B, K] rows
+        d_an, n = d.masked_fill(same, float("inf")).min(1)  # min/max return the first (lowest) index of ties
+        if b.self_ref:
+            same.fill_diagonal_(False)
+        d_ap, p = d.masked_fill(~same, float("-inf")).max(1)
+        a = ((d_ap > float("-inf")) & (d_an < float("inf"))).nonzero(as_tuple=True)[0]  # d is finite
+        return a, p.index_select(0, a), n.index_select(0, a)
 
 
 @MINERS.register("semi_hard")
