@@ -347,7 +347,7 @@ ImageOpt = Annotated[Optional[list[Path]], typer.Option("--image", help="Query p
                                                         "index's model (or --model).")]
 EmbeddingOpt = Annotated[Optional[Path], typer.Option("--embedding", help="Embeddings file (.npz/.parquet/.npy): "
                                                       "every row is a query.")]
-IdOpt = Annotated[Optional[list[str]], typer.Option("--id", help="A gallery item's id as the query (repeatable).")]
+IdOpt = Annotated[Optional[list[str]], typer.Option("--id", help="A gallery item's id as the query (repeatable); the item itself is left out of its answers.")]
 ModelOpt = Annotated[Optional[Path], typer.Option(help="Run folder or exported .onnx that embeds --image "
                                                   "(default: the one the index was built from).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -446,7 +446,8 @@ def search(
 
     idx = SearchIndex.load(index)
     names, vectors = _queries(idx, image, embedding, id_, model, checkpoint)
-    _hits_output(names, idx.search(vectors, k, threshold), json_, "nearest to")
+    hits = idx.search_ids(names, k, threshold) if id_ else idx.search(vectors, k, threshold)
+    _hits_output(names, hits, json_, "nearest to")
 
 
 @app.command()
@@ -492,7 +493,8 @@ def match(
         raise CalibrationError(f"{index} has no stored threshold: run `deepmetric calibrate {index} --embeddings "
                                "FILE --precision 0.95` first, or pass --threshold")
     names, vectors = _queries(idx, image, embedding, id_, model, checkpoint)
-    hits = [[h for h in hs if h.match] for hs in idx.search(vectors, limit, threshold)]
+    found = idx.search_ids(names, limit, threshold) if id_ else idx.search(vectors, limit, threshold)
+    hits = [[h for h in hs if h.match] for hs in found]
     _hits_output(names, hits, json_, "matches of")
 
 

@@ -29,7 +29,10 @@ def gallery(run_dir, tmp_path_factory):
 def test_search_by_id_image_and_embeddings_file(gallery, run_dir):
     hits = json.loads(run("search", gallery / "idx", "--id", "test/3", "-k", "3", "--json"))
     assert hits[0]["query"] == "test/3" and [h["rank"] for h in hits[0]["hits"]] == [1, 2, 3]
-    assert hits[0]["hits"][0]["id"] == "test/3" and hits[0]["hits"][0]["match"] is None
+    assert "test/3" not in [h["id"] for h in hits[0]["hits"]] and hits[0]["hits"][0]["match"] is None
+    index = SearchIndex.load(gallery / "idx")
+    by_vector = index.search(index.vector("test/3"), 4)[0]  # the item itself first, at distance 0
+    assert by_vector[0].id == "test/3" and [h["id"] for h in hits[0]["hits"]] == [h.id for h in by_vector[1:]]
     SearchIndex.load(gallery / "idx").image("test/9").save(gallery / "nine.png")
     table = run("search", gallery / "idx", "--image", gallery / "nine.png", "-k", "2")
     assert "nearest to" in table and "test/9" in table and "distance" in table

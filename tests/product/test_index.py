@@ -40,6 +40,23 @@ def test_flat_search_equals_brute_force(distance):
     assert index.metadata["recall"] is None and index.metadata["kind"] == "flat"
 
 
+def test_search_by_id_leaves_the_item_out_and_keeps_its_twins():
+    gallery = np.concatenate([X[:5], X[:1]])  # item5 is an exact copy of item0
+    index = SearchIndex.build(gallery, IDS[:6], kind="flat", metadata={"distance": "euclidean"})
+    own = index.search_ids(["item0", "item3"], 2)
+    by_vector = index.search(gallery[[0, 3]], 3)
+    assert [[h.id for h in hs] for hs in own] == [[h.id for h in hs if h.id != i][:2] for i, hs in
+                                                 zip(["item0", "item3"], by_vector)]
+    assert own[0][0].id == "item5" and own[0][0].distance == 0 and [h.rank for h in own[1]] == [1, 2]
+    others = [r for r in range(6) if r != 2]  # every other item, by distance, twins in row order
+    want = sorted(others, key=lambda r: (np.linalg.norm(gallery[r] - gallery[2]), r))
+    assert [h.id for h in index.search_ids(["item2"], 10)[0]] == [IDS[r] for r in want]
+    with pytest.raises(InputError, match="k must be a positive integer"):
+        index.search_ids(["item0"], 0)
+    with pytest.raises(InputError, match="no item 'nope'"):
+        index.search_ids(["nope"], 1)
+
+
 def test_a_single_query_vector_and_k_above_the_size():
     index = SearchIndex.build(X[:4], IDS[:4], kind="flat")
     hits = index.search(X[0], 10)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +96,11 @@ def _apply_params(index, params: dict[str, int]) -> None:
         faiss.downcast_index(index).hnsw.efSearch = params["efSearch"]
     if "nprobe" in params:
         faiss.extract_index_ivf(index).nprobe = params["nprobe"]
+
+
+def _check_k(k) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError(f"k must be a positive integer (how many neighbours to return), got {k!r}")
 
 
 class SearchIndex:
@@ -255,8 +260,7 @@ class SearchIndex:
     def search(self, queries: np.ndarray, k: int, threshold: float | None = None) -> list[list[Hit]]:
         """The ``k`` nearest items of each query (``[D]`` or ``[n, D]``), nearest first; ``k`` above the
         index size returns every item. ``threshold`` (else the stored one) sets each hit's ``match``."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise InputError(f"k must be a positive integer (how many neighbours to return), got {k!r}")
+        _check_k(k)
         q = np.asarray(queries, dtype=np.float32)
         q = q[None] if q.ndim == 1 else q
         d = self.metadata["embedding_size"]
@@ -269,6 +273,16 @@ class SearchIndex:
         dist, rows = self._nearest(_operands(q, self.metadata["distance"]), min(int(k), len(self)))
         return [[self._hit(r + 1, int(row), float(dist_), threshold) for r, (row, dist_) in enumerate(zip(rs, ds))
                  if row >= 0] for rs, ds in zip(rows, dist)]
+
+    def search_ids(self, ids, k: int, threshold: float | None = None) -> list[list[Hit]]:
+        """The ``k`` nearest *other* items of each stored item in ``ids``: an item is no answer to its own
+        query, so it is left out and the ranks start at the next one (``deepmetric search --id``, ``match
+        --id`` and the server's search by id all use this)."""
+        _check_k(k)
+        ids = [str(i) for i in ids]
+        found = self.search(np.stack([self.vector(i) for i in ids]), int(k) + 1, threshold)
+        return [[replace(h, rank=rank) for rank, h in enumerate((h for h in hs if h.id != i), start=1)][:k]
+                for i, hs in zip(ids, found)]
 
     def _hit(self, rank: int, row: int, distance: float, threshold: float | None) -> Hit:
         return Hit(rank, self.ids[row], None if self.labels is None else int(self.labels[row]),

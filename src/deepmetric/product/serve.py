@@ -180,11 +180,9 @@ class _Service:
         return [asdict(h) for h in hits]
 
     def search_id(self, item_id: str, k: int) -> list[dict]:
-        query = self.vector(item_id)[None]
+        self.vector(item_id)  # 404 for an unknown id
         with self.lock:
-            hits = self.index.search(query, k + 1)[0]
-        rest = [h for h in hits if h.id != item_id][:k]  # the item itself is no answer to its own query
-        return [asdict(h) | {"rank": rank} for rank, h in enumerate(rest, start=1)]
+            return [asdict(h) for h in self.index.search_ids([item_id], k)[0]]
 
     def vector(self, item_id: str) -> np.ndarray:
         try:
