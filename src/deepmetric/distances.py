@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from deepmetric.matmul import mm
 from deepmetric.registry import Registry
 
 DISTANCES: Registry[Distance] = Registry("distance")
@@ -35,13 +36,13 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
-        return x @ x.T
+        return mm(x, x.T)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        return _symmetrized(grad) @ x
+        return mm(_symmetrized(grad), x)
 
 
 class _PairwiseEuclidean(torch.autograd.Function):
@@ -55,7 +56,8 @@ class _PairwiseEuclidean(torch.autograd.Function):
         ref = x if y is None else y
         nx = (x * x).sum(1)
         ny = nx if y is None else (ref * ref).sum(1)
-        d = torch.addmm(nx[:, None], x, ref.T, alpha=-2.0).add_(ny[None, :])
+        d = mm(x, ref.T)
+        d = torch.add(nx[:, None], d, alpha=-2.0, out=d).add_(ny[None, :])
         F.threshold(d, eps, 0.0, inplace=True)
         if root:
             d.sqrt_()
@@ -75,9 +77,9 @@ class _PairwiseEuclidean(torch.autograd.Function):
         if y is None:  # Σ_j s_ij (x_i − x_j) with s = g + gᵀ: one GEMM with the row sums on the diagonal
             s = _symmetrized(g)
             s.diagonal().sub_(s.sum(1))
-            return torch.mm(s, x).mul_(-scale), None, None, None
-        gx = scale * (g.sum(1)[:, None] * x - g @ y) if ctx.needs_input_grad[0] else None
-        gy = scale * (g.sum(0)[:, None] * y - g.T @ x) if ctx.needs_input_grad[1] else None
+            return mm(s, x).mul_(-scale), None, None, None
+        gx = scale * (g.sum(1)[:, None] * x - mm(g, y)) if ctx.needs_input_grad[0] else None
+        gy = scale * (g.sum(0)[:, None] * y - mm(g.T, x)) if ctx.needs_input_grad[1] else None
         return gx, gy, None, None
 
 
@@ -156,7 +158,7 @@ def as_compute_dtype(x: torch.Tensor) -> torch.Tensor:
 
 def gram(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ yᵀ``; ``y=None`` uses the symmetric product with the one-matmul backward."""
-    return _Gram.apply(x) if y is None else x @ y.T
+    return _Gram.apply(x) if y is None else mm(x, y.T)
 
 
 class Distance:

@@ -18,6 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from deepmetric.distances import gram, normalize
 from deepmetric.errors import ConfigError, InputError, LabelError
+from deepmetric.matmul import mm
 from deepmetric.losses import register
 from deepmetric.losses.base import (
     BIG,
@@ -323,7 +324,7 @@ class _NPairCrossEntropy(torch.autograd.Function):
             unclamped = (norm >= 1e-12).to(z.dtype)
             z = z / denom
         n = rows.numel() // 2
-        logits = z[:n] @ z[n:].T
+        logits = mm(z[:n], z[n:].T)
         if scale != 1:
             logits = scale * logits
         target = torch.arange(n, device=x.device)
@@ -349,7 +350,7 @@ class _NPairCrossEntropy(torch.autograd.Function):
             g_t.diagonal().sub_(1.0)
             g = g.add_(g_t.T).mul_(0.5)
         g = g.mul_(grad * (ctx.scale / n))
-        gz = torch.cat([g @ z[n:], g.T @ z[:n]])
+        gz = torch.cat([mm(g, z[n:]), mm(g.T, z[:n])])
         if ctx.unit:
             gz = (gz - z * ((gz * z).sum(1, keepdim=True) * unclamped)) / denom
         return gz.new_zeros(ctx.shape).index_copy_(0, rows, gz), None, None, None, None
@@ -399,7 +400,7 @@ class NPairLoss(PairLoss):
             return ce + self.l2_reg * 0.25 * (anchors.pow(2).sum(1).mean() + positives.pow(2).sum(1).mean())
         x = self._embed(b.x)
         ref = x if b.ref is None else self._embed(b.ref)
-        logits = self.scale * gram(x) if b.ref is None else self.scale * (x @ ref.T)
+        logits = self.scale * gram(x) if b.ref is None else self.scale * gram(x, ref)
         pairs = make_pairs(b, indices)
         per_pair = F.softplus(masked_logsumexp(logits, pairs.neg_add)[:, None] - pairs.positives(logits))
         loss = reduce(per_pair, pairs.pos_w, "mean")

@@ -24,6 +24,7 @@ from torch import nn
 
 from deepmetric.distances import as_compute_dtype, full_precision
 from deepmetric.errors import ConfigError, InputError, LabelError
+from deepmetric.matmul import mm
 from deepmetric.losses import register
 from deepmetric.losses.base import masked_logsumexp
 from deepmetric.validation import check_embeddings, check_labels
@@ -133,7 +134,7 @@ class _Cosine(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         x_norm = x.norm(dim=1).clamp_(min=1e-12)  # as F.normalize: v / max(‖v‖, 1e-12)
         w_norm = w.norm(dim=1).clamp_(min=1e-12)
-        cos = ((x / x_norm[:, None]) @ w.T).div_(w_norm)
+        cos = mm(x / x_norm[:, None], w.T).div_(w_norm)
         ctx.save_for_backward(x, x_norm, w, w_norm)
         return cos
 
@@ -145,10 +146,10 @@ class _Cosine(torch.autograd.Function):
         g = grad / w_norm  # G / ‖w_p‖; the 1 / ‖x_b‖ goes on the [B, D] side
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            u = (g @ w).div_(x_norm[:, None])
+            u = mm(g, w).div_(x_norm[:, None])
             gx = u.addcmul_(x, (_rowdot(x, u) / x_norm.square())[:, None], value=-1)
         if ctx.needs_input_grad[1]:
-            v = g.T @ (x / x_norm[:, None])
+            v = mm(g.T, x / x_norm[:, None])
             gw = v.addcmul_(w, (_rowdot(w, v) / w_norm.square())[:, None], value=-1)
         return gx, gw
 
@@ -226,7 +227,7 @@ class _CosineSoftmaxCE(torch.autograd.Function):
         x_norm = x.norm(dim=1, keepdim=True).clamp_(min=1e-12)  # as F.normalize: v / max(‖v‖, 1e-12)
         w_norm = w.norm(dim=1, keepdim=True).clamp_(min=1e-12)
         x_hat, w_hat = x / x_norm, w / w_norm
-        z = x_hat @ w_hat.T
+        z = mm(x_hat, w_hat.T)
         col = labels[:, None]
         slope = None
         if target is not None:
@@ -256,10 +257,10 @@ class _CosineSoftmaxCE(torch.autograd.Function):
         g.mul_(c).scatter_(1, col, g_y)  # ∂/∂cos
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            u = g @ w_hat
+            u = mm(g, w_hat)
             gx = u.addcmul_(x_hat, _rowdot(x_hat, u)[:, None], value=-1).div_(x_norm)
         if ctx.needs_input_grad[1]:
-            v = g.T @ x_hat
+            v = mm(g.T, x_hat)
             gw = v.addcmul_(w_hat, _rowdot(w_hat, v)[:, None], value=-1).div_(w_norm)
         return gx, gw, None, None, None
 
@@ -637,7 +638,7 @@ class CrossEntropyLoss(ProxyLoss):
 
     def compute(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = F.dropout(x, self.dropout, self.training)
-        logits = F.linear(x, self.proxies.to(x.dtype), self.bias.to(x.dtype))
+        logits = mm(x, self.proxies.to(x.dtype).T).add_(self.bias.to(x.dtype))
         return smoothed_cross_entropy(logits, labels, self.epsilon)
 
 
