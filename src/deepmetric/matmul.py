@@ -3,8 +3,8 @@
 ``torch.mm`` on CPU calls MKL's sgemm, which on AMD processors runs its AVX2 kernels even where AVX-512
 exists. oneDNN, which PyTorch bundles (it already runs PyTorch's CPU convolutions), picks its kernels by
 instruction set, not by vendor. On this project's 2-core AMD EPYC (Zen 5) a 512 x 512 x 11,318 product
-takes 31 ms through MKL (180 GFLOP/s) and 12 ms through oneDNN (510 GFLOP/s); every product of at least
-128³ multiply-adds ran 1.1-2.6x faster (``benchmarks/bench_matmul.py``). The values are the same float32
+takes 31.7 ms through MKL (190 GFLOP/s) and 12.3 ms through oneDNN (480 GFLOP/s); products from 512 x 128 x 512
+up ran 1.45-2.6x faster, 128³ equally fast (``benchmarks/bench_matmul.py``, 2 threads). The values are the same float32
 products summed in another order (relative differences ~1e-6), and a row of the result does not depend on
 how many rows are computed with it, so row-chunked distances stay equal to unchunked ones.
 
