@@ -39,9 +39,9 @@ def test_large_float32_cpu_products_take_the_onednn_path(monkeypatch):
     calls = []
     real = matmul._onednn_mm
     monkeypatch.setattr(matmul, "_onednn_mm", lambda a, b: calls.append(a.shape) or real(a, b))
-    mm(torch.randn(128, 128), torch.randn(128, 128))
-    assert calls == [(128, 128)]
-    mm(torch.randn(64, 64), torch.randn(64, 64))  # 2^18 multiply-adds: below MIN_WORK
+    mm(torch.randn(256, 128), torch.randn(128, 128))
+    assert calls == [(256, 128)]
+    mm(torch.randn(128, 128), torch.randn(128, 128))  # 2^21 multiply-adds: below MIN_WORK
     mm(torch.randn(128, 128, dtype=torch.float64), torch.randn(128, 128, dtype=torch.float64))
     assert len(calls) == 1
 

@@ -4,11 +4,12 @@
 exists. oneDNN, which PyTorch bundles (it already runs PyTorch's CPU convolutions), picks its kernels by
 instruction set, not by vendor. On this project's 2-core AMD EPYC (Zen 5) a 512 x 512 x 11,318 product
 takes 31.7 ms through MKL (190 GFLOP/s) and 12.3 ms through oneDNN (480 GFLOP/s); products from 512 x 128 x 512
-up ran 1.45-2.6x faster, 128³ equally fast (``benchmarks/bench_matmul.py``, 2 threads). The values are the same float32
+up ran 1.45-2.6x faster (``benchmarks/bench_matmul.py``, 2 threads). 128³ is as fast alone but made the
+SupCon step at B = 128, D = 128 20 % slower, so products that small stay with ``torch.mm``. The values are the same float32
 products summed in another order (relative differences ~1e-6), and a row of the result does not depend on
 how many rows are computed with it, so row-chunked distances stay equal to unchunked ones.
 
-:func:`mm` takes the oneDNN path for 2-D float32 CPU operands with at least ``2**21`` multiply-adds and is
+:func:`mm` takes the oneDNN path for 2-D float32 CPU operands with at least ``2**22`` multiply-adds and is
 differentiable there (its backward uses the same path); other dtypes (float64 stays exact MKL/LAPACK
 arithmetic), devices and tiny products go to ``torch.mm``. ``DEEPMETRIC_ONEDNN=0`` in the environment
 turns the oneDNN path off (read at import).
@@ -21,7 +22,7 @@ import platform
 
 import torch
 
-MIN_WORK = 1 << 21  # m·k·n below which torch.mm is as fast (oneDNN's fixed cost dominates)
+MIN_WORK = 1 << 22  # m·k·n below which torch.mm is faster in a training step (oneDNN's fixed cost)
 
 
 def _probe() -> bool:
