@@ -60,7 +60,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     rows = []
     print(f"oneDNN path: {matmul.ONEDNN}; {args.threads} threads; {platform.processor() or platform.machine()}")
-    print("| product | M x K x N | torch.mm ms | deepmetric mm ms | torch.mm GFLOP/s | deepmetric GFLOP/s | speed-up | max rel. diff |")
+    print("| product | M x K x N | torch.mm ms | deepmetric mm ms | torch.mm GFLOP/s | deepmetric GFLOP/s | speed-up |"
+          " max rel. diff |")
     print("|---|---|---|---|---|---|---|---|")
     for name, m, k, n, layout in SHAPES:
         a = torch.randn(k, m, generator=g).T if layout == "aT" else torch.randn(m, k, generator=g)

@@ -49,7 +49,10 @@ def test_large_float32_cpu_products_take_the_onednn_path(monkeypatch):
 def test_fallbacks_are_torch_mm_exactly():
     g = torch.Generator().manual_seed(1)
     for a, b in [
-        (torch.randn(200, 300, dtype=torch.float64, generator=g), torch.randn(300, 100, dtype=torch.float64, generator=g)),
+        (
+            torch.randn(200, 300, dtype=torch.float64, generator=g),
+            torch.randn(300, 100, dtype=torch.float64, generator=g),
+        ),
         (torch.randn(10, 20, generator=g), torch.randn(20, 30, generator=g)),  # tiny
         (torch.randn(5, 0), torch.randn(0, 7)),  # K = 0: zeros
         (torch.randn(0, 300), torch.randn(300, 400)),  # no rows
@@ -66,6 +69,20 @@ def test_rows_do_not_depend_on_the_chunk():
     for start, stop in [(0, 1), (0, 64), (17, 150), (150, 300)]:
         if (stop - start) * 200 * 400 >= matmul.MIN_WORK:
             assert torch.equal(mm(a[start:stop], b), full[start:stop])
+
+
+@pytest.mark.parametrize(
+    "a, b, message",
+    [
+        (torch.randn(256, 128), torch.randn(100, 300), "cannot be multiplied"),  # inner sizes differ
+        (torch.randn(256, 128), torch.randn(128, 300, dtype=torch.float64), "same dtype"),
+        (torch.randn(4, 256, 128), torch.randn(128, 300), "must be a matrix"),
+    ],
+)
+def test_bad_operands_get_torch_mm_errors(a, b, message):
+    """Large mismatched operands never reach oneDNN, whose error would not name the shapes."""
+    with pytest.raises(RuntimeError, match=message):
+        mm(a, b)
 
 
 def test_backward_matches_autograd_of_torch_mm():

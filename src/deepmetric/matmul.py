@@ -5,9 +5,9 @@ exists. oneDNN, which PyTorch bundles (it already runs PyTorch's CPU convolution
 instruction set, not by vendor. On this project's 2-core AMD EPYC (Zen 5) a 512 x 512 x 11,318 product
 takes 31.7 ms through MKL (190 GFLOP/s) and 12.3 ms through oneDNN (480 GFLOP/s); products from 512 x 128 x 512
 up ran 1.45-2.6x faster (``benchmarks/bench_matmul.py``, 2 threads). 128³ is as fast alone but made the
-SupCon step at B = 128, D = 128 20 % slower, so products that small stay with ``torch.mm``. The values are the same float32
-products summed in another order (relative differences ~1e-6), and a row of the result does not depend on
-how many rows are computed with it, so row-chunked distances stay equal to unchunked ones.
+SupCon step at B = 128, D = 128 20 % slower, so products that small stay with ``torch.mm``. The values are
+the same float32 products summed in another order (relative differences ~1e-6), and a row of the result
+does not depend on how many rows are computed with it, so row-chunked distances stay equal to unchunked ones.
 
 :func:`mm` takes the oneDNN path for 2-D float32 CPU operands with at least ``2**22`` multiply-adds and is
 differentiable there (its backward uses the same path); other dtypes (float64 stays exact MKL/LAPACK
@@ -47,6 +47,7 @@ def _fast(a: torch.Tensor, b: torch.Tensor) -> bool:
         and a.dtype == b.dtype == torch.float32
         and a.device.type == b.device.type == "cpu"
         and a.dim() == b.dim() == 2
+        and a.shape[1] == b.shape[0]  # mismatches go to torch.mm, whose error names the shapes
         and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_WORK
     )
 

@@ -400,7 +400,7 @@ class NPairLoss(PairLoss):
             return ce + self.l2_reg * 0.25 * (anchors.pow(2).sum(1).mean() + positives.pow(2).sum(1).mean())
         x = self._embed(b.x)
         ref = x if b.ref is None else self._embed(b.ref)
-        logits = self.scale * gram(x) if b.ref is None else self.scale * gram(x, ref)
+        logits = self.scale * gram(x, None if b.ref is None else ref)
         pairs = make_pairs(b, indices)
         per_pair = F.softplus(masked_logsumexp(logits, pairs.neg_add)[:, None] - pairs.positives(logits))
         loss = reduce(per_pair, pairs.pos_w, "mean")
