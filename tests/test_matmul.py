@@ -10,7 +10,13 @@ import torch
 from deepmetric import matmul
 from deepmetric.matmul import mm
 
-needs_onednn = pytest.mark.skipif(not matmul.ONEDNN, reason="oneDNN path not available on this machine")
+needs_onednn = pytest.mark.skipif(not matmul.AVAILABLE, reason="oneDNN's op does not run on this machine")
+
+
+@pytest.fixture(autouse=True)
+def onednn_on(monkeypatch):
+    """Every test here runs with the oneDNN path on where the op runs, whatever the CPU vendor chose."""
+    monkeypatch.setattr(matmul, "ONEDNN", matmul.AVAILABLE)
 
 
 def _layouts(m: int, k: int, n: int):
@@ -117,8 +123,15 @@ def test_float64_gradcheck():
     assert torch.autograd.gradcheck(mm, (a, b))
 
 
-def test_environment_variable_turns_the_onednn_path_off():
-    env = {**os.environ, "DEEPMETRIC_ONEDNN": "0"}
+def test_environment_variable_and_vendor_rule():
+    assert matmul.wanted("auto", "AuthenticAMD") and matmul.wanted("", "AuthenticAMD")
+    assert not matmul.wanted("auto", "GenuineIntel")  # MKL runs its AVX-512 kernels on Intel
+    assert matmul.wanted("1", "GenuineIntel") and matmul.wanted(" On ", "GenuineIntel")
+    assert not matmul.wanted("0", "AuthenticAMD") and not matmul.wanted("off", "")
+    with pytest.raises(ValueError, match="must be 0, 1 or auto, got 'fast'"):
+        matmul.wanted("fast", "AuthenticAMD")
     code = "import deepmetric.matmul as m; print(m.ONEDNN)"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    for setting, expected in [("0", False), ("1", matmul.AVAILABLE)]:
+        env = {**os.environ, "DEEPMETRIC_ONEDNN": setting}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == str(expected)

@@ -1,18 +1,21 @@
-"""Matrix products of the hot paths: oneDNN's float32 GEMM on x86-64 CPUs, ``torch.mm`` everywhere else.
+"""Matrix products of the hot paths: oneDNN's float32 GEMM on non-Intel x86-64 CPUs, ``torch.mm`` elsewhere.
 
 ``torch.mm`` on CPU calls MKL's sgemm, which on AMD processors runs its AVX2 kernels even where AVX-512
 exists. oneDNN, which PyTorch bundles (it already runs PyTorch's CPU convolutions), picks its kernels by
-instruction set, not by vendor. On this project's 2-core AMD EPYC (Zen 5) a 512 x 512 x 11,318 product
-takes 31.7 ms through MKL (190 GFLOP/s) and 12.3 ms through oneDNN (480 GFLOP/s); products from 512 x 128 x 512
-up ran 1.45-2.6x faster (``benchmarks/bench_matmul.py``, 2 threads). 128³ is as fast alone but made the
-SupCon step at B = 128, D = 128 20 % slower, so products that small stay with ``torch.mm``. The values are
-the same float32 products summed in another order (relative differences ~1e-6), and a row of the result
-does not depend on how many rows are computed with it, so row-chunked distances stay equal to unchunked ones.
+instruction set, not by vendor. On a 2-core AMD EPYC (Zen 5) a 512 x 512 x 11,318 product takes 31.7 ms
+through MKL (190 GFLOP/s) and 12.3 ms through oneDNN (480 GFLOP/s); products from 512 x 128 x 512 up ran
+1.45-2.6x faster (``benchmarks/bench_matmul.py``, 2 threads). On an Intel Xeon, where MKL runs its own
+AVX-512 kernels, oneDNN was 0.69-1.21x of MKL (the ``∂W = Gᵀ X`` product of C = 11,318 proxies 0.69x), so
+Intel CPUs keep ``torch.mm``. 128³ is as fast alone but made the SupCon step at B = 128, D = 128 20 %
+slower, so products that small stay with ``torch.mm``. The values are the same float32 products summed in
+another order (relative differences ~1e-6), and a row of the result does not depend on how many rows are
+computed with it, so row-chunked distances stay equal to unchunked ones.
 
-:func:`mm` takes the oneDNN path for 2-D float32 CPU operands with at least ``2**22`` multiply-adds and is
-differentiable there (its backward uses the same path); other dtypes (float64 stays exact MKL/LAPACK
-arithmetic), devices and tiny products go to ``torch.mm``. ``DEEPMETRIC_ONEDNN=0`` in the environment
-turns the oneDNN path off (read at import).
+:func:`mm` takes the oneDNN path for 2-D float32 CPU operands with at least ``2**22`` multiply-adds when
+:data:`ONEDNN` is on, and is differentiable there (its backward uses the same path); other dtypes (float64
+stays exact MKL/LAPACK arithmetic), devices and tiny products go to ``torch.mm``. :data:`ONEDNN` is read
+at import: ``DEEPMETRIC_ONEDNN=0`` turns the path off, ``=1`` turns it on wherever the op runs (Intel too),
+unset (``auto``) turns it on for x86-64 CPUs whose vendor is not Intel.
 """
 
 from __future__ import annotations
@@ -25,10 +28,8 @@ import torch
 MIN_WORK = 1 << 22  # m·k·n below which torch.mm is faster in a training step (oneDNN's fixed cost)
 
 
-def _probe() -> bool:
-    """Whether oneDNN's linear op exists, runs and is wanted here."""
-    if os.environ.get("DEEPMETRIC_ONEDNN", "1").strip().lower() in {"0", "false", "no", "off"}:
-        return False
+def _op_runs() -> bool:
+    """Whether oneDNN's linear op exists and runs here (x86-64 with PyTorch's oneDNN)."""
     if platform.machine().lower() not in {"x86_64", "amd64"} or not torch.backends.mkldnn.is_available():
         return False
     try:
@@ -38,7 +39,35 @@ def _probe() -> bool:
     return out.shape == (2, 4) and bool((out == 3).all())
 
 
-ONEDNN = _probe()
+def _cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...; empty where unknown)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def wanted(setting: str, vendor: str) -> bool:
+    """The ``DEEPMETRIC_ONEDNN`` rule: ``0``/``1`` (or off/on, false/true, no/yes) force it; ``auto`` (or
+    unset) wants oneDNN where MKL would not run AVX-512 kernels, i.e. on a CPU whose vendor is not Intel."""
+    setting = setting.strip().lower() or "auto"
+    if setting in {"0", "false", "no", "off"}:
+        return False
+    if setting in {"1", "true", "yes", "on"}:
+        return True
+    if setting == "auto":
+        return vendor != "GenuineIntel"
+    raise ValueError(f"DEEPMETRIC_ONEDNN must be 0, 1 or auto, got {setting!r}")
+
+
+#: Whether oneDNN's op runs here at all (whatever ``DEEPMETRIC_ONEDNN`` says).
+AVAILABLE = _op_runs()
+#: Whether :func:`mm` takes the oneDNN path (``DEEPMETRIC_ONEDNN``, see the module docstring).
+ONEDNN = AVAILABLE and wanted(os.environ.get("DEEPMETRIC_ONEDNN", "auto"), _cpu_vendor())
 
 
 def _fast(a: torch.Tensor, b: torch.Tensor) -> bool:

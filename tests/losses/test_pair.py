@@ -529,6 +529,32 @@ def test_supcon_ntxent_match_pml():
     )
 
 
+@pytest.mark.parametrize("labels", [[0, 0, 1, 1, 1, 2], [0, 0, 1, 2, 3, 3], [5, 5, 5, 5, 5, 5]],
+                         ids=["classes", "singletons", "one_class"])
+@pytest.mark.parametrize("with_refs", [False, True])
+def test_supcon_label_path_equals_general_path(labels, with_refs):
+    """No miner: SupCon's one-logsumexp node equals the general node fed every pair, values and gradients."""
+    loss = losses.build("supcon", temperature=0.2).double()
+    g = torch.Generator().manual_seed(5)
+    y = torch.tensor(labels)
+    x = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    refs = {}
+    if with_refs:
+        ry = torch.tensor([labels[0], 7, labels[-1], 7, labels[2]])
+        refs = {"ref_embeddings": torch.randn(5, 4, dtype=torch.float64, generator=g), "ref_labels": ry}
+        same = y[:, None] == ry[None, :]
+    else:
+        same = (y[:, None] == y[None, :]) & ~torch.eye(6, dtype=torch.bool)
+    diff = (y[:, None] != (refs["ref_labels"] if with_refs else y)[None, :])
+    indices = (*torch.where(same), *torch.where(diff))
+    fast, general = loss(x, y, **refs), loss(x, y, indices, **refs)
+    (g_fast,) = torch.autograd.grad(fast, x)
+    (g_general,) = torch.autograd.grad(general, x)
+    torch.testing.assert_close(fast, general, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_fast, g_general, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda e: loss(e, y, **refs), (x,))
+
+
 # -------------------------------------------------------------------------------- indices and references
 
 
@@ -629,3 +655,31 @@ def test_masked_logsumexp_bool_and_additive_masks():
     assert torch.isfinite(x.grad).all() and (x.grad[0, 2] == 0) and (x.grad[1] == 0).all()
     cols = masked_logsumexp(x.detach(), keep, dim=0)
     assert cols[0].item() == pytest.approx(1.0) and cols[2].item() == float("-inf")
+
+
+def test_take_matches_advanced_indexing_with_repeats():
+    from deepmetric.losses.base import take
+
+    m = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    rows, cols = torch.tensor([0, 4, 4, 2, 0, 4]), torch.tensor([6, 1, 1, 3, 6, 0])  # repeated pairs accumulate
+    out = take(m, rows, cols)
+    torch.testing.assert_close(out, m[rows, cols])
+    w = torch.arange(1.0, 7.0, dtype=torch.float64)
+    (got,) = torch.autograd.grad((out * w).sum(), m)
+    (expected,) = torch.autograd.grad((m[rows, cols] * w).sum(), m)
+    assert torch.equal(got, expected) and got[0, 6] == 1 + 5 and got[4, 1] == 2 + 3
+    assert torch.autograd.gradcheck(lambda t: take(t, rows, cols), (m,))
+    assert torch.autograd.gradgradcheck(lambda t: take(t, rows, cols), (m,))
+
+
+def test_avg_nonzero_counts_the_positive_values():
+    from deepmetric.losses.base import reduce
+
+    values = torch.tensor([0.0, 2.0, 0.0, 1.0, 3.0], requires_grad=True)
+    out = reduce(values, None, "avg_nonzero")
+    assert out.item() == pytest.approx(2.0)
+    out.backward()
+    assert torch.equal(values.grad, torch.full((5,), 1 / 3))
+    weights = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    assert reduce(values, weights, "avg_nonzero").item() == pytest.approx(1.0)  # only the 1.0 is kept and > 0
+    assert reduce(torch.zeros(3), None, "avg_nonzero").item() == 0.0
