@@ -127,3 +127,28 @@ def test_full_precision_disables_autocast_only_where_it_is_enabled():
         with distances.full_precision("cpu"):
             assert (a @ a).dtype == torch.float32
         assert (a @ a).dtype == torch.bfloat16  # restored on exit
+
+
+@pytest.mark.parametrize("name", ["euclidean", "squared_euclidean"])
+@pytest.mark.parametrize("with_y", [False, True])
+def test_normalized_euclidean_node_equals_normalize_then_matrix(name, with_y):
+    """normalize=True runs normalisation and the matrix as one node: the same values and gradients as the
+    two steps (the chunked path), including a zero row (the clamped norm)."""
+    from deepmetric.distances import normalize
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    x[2] = 0.0
+    x.requires_grad_(True)
+    y = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True) if with_y else None
+    fused = distances.build(name, normalize=True)
+    plain = distances.build(name)  # the same matrix on inputs normalised beforehand
+    w = torch.randn(7, 4 if with_y else 7, dtype=torch.float64, generator=g)
+    inputs = (x, y) if with_y else (x,)
+    out = fused(x, y)
+    ref = plain(normalize(x), None if y is None else normalize(y))
+    assert torch.equal(out, ref)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), inputs), torch.autograd.grad((ref * w).sum(), inputs)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    xs = x.detach()[[0, 1, 3, 4]].requires_grad_(True)  # gradcheck away from the zero row's kink
+    assert torch.autograd.gradcheck(lambda t: fused(t, None if y is None else y.detach()), (xs,))
