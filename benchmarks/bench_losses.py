@@ -319,6 +319,8 @@ def main() -> None:
     import pytorch_metric_learning
     import torch
 
+    from deepmetric import matmul
+
     rows = []
     header = "| case | B | D | C | ours ms | PML ms | PML / ours | ours MB | PML MB | other CPU |"
     print(header)
@@ -356,7 +358,7 @@ def main() -> None:
     meta = {
         "device": args.device,
         "quick": args.quick,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": matmul.cpu_model(),
         "cores": os.cpu_count(),
         "threads": THREADS,
         "torch": torch.__version__,

@@ -62,7 +62,7 @@ def main() -> None:
     rows = []
     if not matmul.AVAILABLE:
         raise SystemExit("oneDNN's linear op does not run on this machine: nothing to compare")
-    print(f"{_cpu_name()}; {args.threads} threads; deepmetric.matmul.mm takes oneDNN here by default: {matmul.ONEDNN}")
+    print(f"{matmul.cpu_model()}; {args.threads} threads; deepmetric.matmul.mm takes oneDNN here by default: {matmul.ONEDNN}")
     print("| product | M x K x N | torch.mm ms | oneDNN ms | torch.mm GFLOP/s | oneDNN GFLOP/s | speed-up |"
           " max rel. diff |")
     print("|---|---|---|---|---|---|---|---|")
@@ -86,21 +86,11 @@ def main() -> None:
               f"{row['torch_mm_gflops']:.0f} | {row['onednn_gflops']:.0f} | {row['speedup']:.2f}x | {rel:.1e} |")
     meta = {
         "threads": args.threads, "onednn_by_default": matmul.ONEDNN, "min_work": matmul.MIN_WORK, "torch": torch.__version__,
-        "machine": platform.machine(), "cpu": _cpu_name(), "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.machine(), "cpu": matmul.cpu_model(), "date": time.strftime("%Y-%m-%d"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -39,16 +39,21 @@ def _op_runs() -> bool:
     return out.shape == (2, 4) and bool((out == 3).all())
 
 
-def _cpu_vendor() -> str:
-    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...; empty where unknown)."""
+def _cpuinfo(key: str) -> str:
+    """The first ``key`` field of /proc/cpuinfo (empty where unknown)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_model() -> str:
+    """The CPU's model name (what the benchmarks record: the GEMM kernels depend on it), else the machine."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def wanted(setting: str, vendor: str) -> bool:
@@ -67,7 +72,7 @@ def wanted(setting: str, vendor: str) -> bool:
 #: Whether oneDNN's op runs here at all (whatever ``DEEPMETRIC_ONEDNN`` says).
 AVAILABLE = _op_runs()
 #: Whether :func:`mm` takes the oneDNN path (``DEEPMETRIC_ONEDNN``, see the module docstring).
-ONEDNN = AVAILABLE and wanted(os.environ.get("DEEPMETRIC_ONEDNN", "auto"), _cpu_vendor())
+ONEDNN = AVAILABLE and wanted(os.environ.get("DEEPMETRIC_ONEDNN", "auto"), _cpuinfo("vendor_id"))
 
 
 def _fast(a: torch.Tensor, b: torch.Tensor) -> bool:
