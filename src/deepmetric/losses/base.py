@@ -201,11 +201,9 @@ def make_pairs(b: Batch, indices: Indices | None, multiplicity: bool = False) ->
     dev, dtype = b.x.device, b.x.dtype
     if indices is None:
         idx, valid = label_positives(b)
-        pos_w = valid.to(dtype)
-        neg = torch.ones(n_a, n_r, dtype=dtype, device=dev).scatter_add_(1, idx, -pos_w)
-        if b.self_ref:
-            neg.fill_diagonal_(0.0)
-        return Pairs(idx, pos_w, neg)
+        # every other label is a negative (the anchor itself has its own label)
+        neg = (b.labels[:, None] != b.ref_labels[None, :]).to(dtype)
+        return Pairs(idx, valid.to(dtype), neg)
     a1, p, a2, n = (t.to(dev) for t in to_pairs(check_indices(indices, n_a, n_r)))
     key, counts = torch.unique(a1 * n_r + p, return_counts=True)  # sorted by anchor
     a, p = key // n_r, key % n_r

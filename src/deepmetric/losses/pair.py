@@ -135,7 +135,9 @@ class _ContrastiveTerms(torch.autograd.Function):
             v = h * h if power == 2 else h
             active = torch.sign(v) if power == 1 or reduction == "avg_nonzero" else None  # 1 where ℓ > 0
             if reduction == "avg_nonzero":
-                count = active.sum(1).long().sum().clamp(min=1)  # row counts are exact in floating point
+                # a float sum of 0/1 is exact below 2^24 terms; beyond, row counts (exact) summed as integers
+                total_active = active.sum() if active.numel() < 1 << 24 else active.sum(1).long().sum()
+                count = total_active.clamp(min=1)
             elif reduction == "mean_pos_neg":
                 count = w.sum().clamp(min=1)
             else:
