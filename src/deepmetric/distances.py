@@ -99,8 +99,8 @@ class _UnitEuclidean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, y: torch.Tensor | None, root: bool, eps: float) -> torch.Tensor:
-        xn = _unit_rows(x, 1e-12)
-        yn = None if y is None else _unit_rows(y, 1e-12)
+        xn = unit_rows(x)
+        yn = None if y is None else unit_rows(y)
         d = _euclidean_matrix(xn[0], None if y is None else yn[0], root, eps)
         ctx.root = root
         ctx.save_for_backward(d, *xn, *(yn or (None, None, None)))
@@ -112,8 +112,8 @@ class _UnitEuclidean(torch.autograd.Function):
         d, xh, x_den, x_un, yh, y_den, y_un = ctx.saved_tensors
         needs = ctx.needs_input_grad[:2]
         g_xh, g_yh = _euclidean_matrix_backward(grad, xh, yh, d, ctx.root, needs)
-        gx = _unit_rows_backward(g_xh, xh, x_den, x_un) if g_xh is not None else None
-        gy = _unit_rows_backward(g_yh, yh, y_den, y_un) if g_yh is not None else None
+        gx = unit_rows_backward(g_xh, xh, x_den, x_un) if g_xh is not None else None
+        gy = unit_rows_backward(g_yh, yh, y_den, y_un) if g_yh is not None else None
         return gx, gy, None, None
 
 
@@ -152,15 +152,18 @@ class _PairedEuclidean(torch.autograd.Function):
         return gx if ctx.needs_input_grad[0] else None, gy, None, None, None, None
 
 
-def _unit_rows(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward of :class:`_Normalize`: ``(x̂, max(‖x‖, eps), 1 where ‖x‖ ≥ eps)`` (column vectors)."""
+def unit_rows(x: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row normalisation for a hand-written node: ``(x̂, max(‖x‖, eps), 1 where ‖x‖ ≥ eps)`` (the last two
+    as column vectors), what :func:`unit_rows_backward` needs."""
     norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     denom = norm.clamp_min(eps)
     return x / denom, denom, (norm >= eps).to(x.dtype)
 
 
-def _unit_rows_backward(grad, y, denom, unclamped) -> torch.Tensor:
-    return (grad - y * ((grad * y).sum(1, keepdim=True) * unclamped)) / denom
+def unit_rows_backward(grad, y, denom, unclamped) -> torch.Tensor:
+    """``(g − x̂ (g·x̂)) / max(‖x‖, eps)``: the gradient through :func:`unit_rows` (``y`` = x̂), the projection
+    dropped where the norm was clamped, as autograd does; ``grad`` is not modified."""
+    return torch.addcmul(grad, y, torch.linalg.vecdot(grad, y)[:, None].mul_(unclamped), value=-1).div_(denom)
 
 
 class _Normalize(torch.autograd.Function):
@@ -170,14 +173,14 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
-        y, denom, unclamped = _unit_rows(x, eps)
+        y, denom, unclamped = unit_rows(x, eps)
         ctx.save_for_backward(y, denom, unclamped)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        return _unit_rows_backward(grad, *ctx.saved_tensors), None
+        return unit_rows_backward(grad, *ctx.saved_tensors), None
 
 
 def normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -223,14 +226,12 @@ class Distance:
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         x = as_compute_dtype(x)
         y = None if y is None else as_compute_dtype(y)
-        whole = self.chunk_size is None or x.shape[0] <= self.chunk_size
-        if whole and self.normalize and isinstance(self, SquaredEuclidean):
-            return _UnitEuclidean.apply(x, y, self.root, self.eps)  # normalize + matrix in one node
-        if self.normalize or self.is_similarity:
+        unit = self.normalize or self.is_similarity
+        if self.chunk_size is None or x.shape[0] <= self.chunk_size:
+            return self._unit_matrix(x, y) if unit else self._matrix(x, y)
+        if unit:
             x = normalize(x)
             y = None if y is None else normalize(y)
-        if whole:
-            return self._matrix(x, y)
         ref = x if y is None else y
         return torch.cat([self._matrix(c, ref) for c in x.split(self.chunk_size)])
 
@@ -255,6 +256,10 @@ class Distance:
 
     def _matrix(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def _unit_matrix(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`_matrix` of the L2-normalised inputs (a subclass may do both in one node)."""
+        return self._matrix(normalize(x), None if y is None else normalize(y))
 
     def _paired(self, x: torch.Tensor, y: torch.Tensor | None, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -283,14 +288,17 @@ class CosineSimilarity(Distance):
 class SquaredEuclidean(Distance):
     """``d²_ij = ‖x_i − y_j‖²`` via ``‖x‖² + ‖y‖² − 2xᵀy``; values ≤ ``eps`` (rounding noise) are 0."""
 
+    root = False  # d² (Euclidean: d)
+
     def __init__(self, normalize: bool = False, chunk_size: int | None = None, eps: float = 1e-8):
         super().__init__(normalize=normalize, chunk_size=chunk_size)
         self.eps = eps
 
-    root = False  # d² (True: d)
-
     def _matrix(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return _PairwiseEuclidean.apply(x, y, self.root, self.eps)
+
+    def _unit_matrix(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return _UnitEuclidean.apply(x, y, self.root, self.eps)  # normalisation + matrix in one node
 
     def _paired(self, x: torch.Tensor, y: torch.Tensor | None, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return _PairedEuclidean.apply(x, y, i, j, self.root, self.eps)

@@ -683,3 +683,16 @@ def test_avg_nonzero_counts_the_positive_values():
     weights = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
     assert reduce(values, weights, "avg_nonzero").item() == pytest.approx(1.0)  # only the 1.0 is kept and > 0
     assert reduce(torch.zeros(3), None, "avg_nonzero").item() == 0.0
+
+
+def test_count_ones_past_float32_integers():
+    from deepmetric.losses.base import count_ones
+
+    assert count_ones(torch.tensor([1.0, 0.0, 1.0, 1.0])).item() == 3
+    big = torch.ones((1 << 24) + 2)  # 2^24 + 2 is a float32 integer; counting one by one would stop at 2^24
+    big[5] = 0.0
+    big[-1] = 0.0
+    assert count_ones(big).dtype == torch.float32 and count_ones(big).item() == 1 << 24
+    big[5] = 1.0
+    big[-1] = 1.0
+    assert count_ones(big).item() == (1 << 24) + 2

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from deepmetric.distances import gram, normalize
+from deepmetric.distances import gram, normalize, unit_rows, unit_rows_backward
 from deepmetric.errors import ConfigError, InputError, LabelError
 from deepmetric.matmul import mm
 from deepmetric.losses import register
@@ -29,6 +29,7 @@ from deepmetric.losses.base import (
     Reduction,
     check_indices,
     check_reduction,
+    count_ones,
     label_positives,
     make_distance,
     make_pairs,
@@ -135,9 +136,7 @@ class _ContrastiveTerms(torch.autograd.Function):
             v = h * h if power == 2 else h
             active = torch.sign(v) if power == 1 or reduction == "avg_nonzero" else None  # 1 where ℓ > 0
             if reduction == "avg_nonzero":
-                # a float sum of 0/1 is exact below 2^24 terms; beyond, row counts (exact) summed as integers
-                total_active = active.sum() if active.numel() < 1 << 24 else active.sum(1).long().sum()
-                count = total_active.clamp(min=1)
+                count = count_ones(active).clamp(min=1)
             elif reduction == "mean_pos_neg":
                 count = w.sum().clamp(min=1)
             else:
@@ -322,10 +321,7 @@ class _NPairCrossEntropy(torch.autograd.Function):
         z = x[rows]
         denom = unclamped = None
         if unit:
-            norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)
-            denom = norm.clamp_min(1e-12)
-            unclamped = (norm >= 1e-12).to(z.dtype)
-            z = z / denom
+            z, denom, unclamped = unit_rows(z)
         n = rows.numel() // 2
         logits = mm(z[:n], z[n:].T)
         if scale != 1:
@@ -354,8 +350,8 @@ class _NPairCrossEntropy(torch.autograd.Function):
             g = g.add_(g_t.T).mul_(0.5)
         g = g.mul_(grad * (ctx.scale / n))
         gz = torch.cat([mm(g, z[n:]), mm(g.T, z[:n])])
-        if ctx.unit:  # (∂ẑ − ẑ (ẑ·∂ẑ)) / max(‖z‖, eps), the projection dropped where the norm was clamped
-            gz = gz.addcmul_(z, torch.linalg.vecdot(gz, z)[:, None].mul_(unclamped), value=-1).div_(denom)
+        if ctx.unit:
+            gz = unit_rows_backward(gz, z, denom, unclamped)
         return gz.new_zeros(ctx.shape).index_copy_(0, rows, gz), None, None, None, None
 
 
