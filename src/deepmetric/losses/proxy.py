@@ -178,17 +178,16 @@ class _SoftmaxCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sim: torch.Tensor, labels: torch.Tensor, scale: float, target: Target) -> torch.Tensor:
-        col = labels[:, None]
         z = sim * scale
         slope = None
         if target is not None:
+            col = labels[:, None]
             value, slope = target(sim.gather(1, col).squeeze(1))
             z.scatter_(1, col, (value * scale)[:, None])
         log_p = torch.log_softmax(z, 1)
-        loss = -log_p.gather(1, col).mean()
         ctx.save_for_backward(sim, labels, slope, log_p)
         ctx.scale, ctx.target = scale, target
-        return loss
+        return F.nll_loss(log_p, labels)  # −mean_b log_p[b, y_b] in one operation
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -197,14 +196,18 @@ class _SoftmaxCE(torch.autograd.Function):
         if torch.is_grad_enabled():
             (g,) = _differentiable_backward(lambda s: _reference_softmax_ce(s, labels, scale, target), (sim,), grad, (True,))
             return g, None, None, None
-        c = grad * scale / sim.shape[0]
-        col = labels[:, None]
-        g = torch.exp(log_p)
-        g_y = (g.gather(1, col) - 1) * c
-        g.mul_(c)
-        if slope is not None:
-            g_y = g_y * slope[:, None]
-        return g.scatter_(1, col, g_y), None, None, None
+        return _logit_grad(log_p, labels, slope, grad * (scale / sim.shape[0])), None, None, None
+
+
+def _logit_grad(log_p: torch.Tensor, labels: torch.Tensor, slope: torch.Tensor | None, c: torch.Tensor) -> torch.Tensor:
+    """``∂L/∂sim`` of the mean softmax cross-entropy from its log-softmax: ``c·(p − onehot(y))``, the target
+    column times the margin's derivative ``slope`` where there is one (``c`` = upstream gradient · scale / B)."""
+    col = labels[:, None]
+    g = torch.exp(log_p)
+    if slope is None:  # c·p everywhere, then −c on the target column: no gather of p_y
+        return g.mul_(c).scatter_add_(1, col, (-c).expand(col.shape))
+    g_y = (g.gather(1, col) - 1).mul_(c * slope[:, None])
+    return g.mul_(c).scatter_(1, col, g_y)
 
 
 def softmax_cross_entropy(sim: torch.Tensor, labels: torch.Tensor, scale: float, target: Target = None) -> torch.Tensor:
@@ -228,9 +231,9 @@ class _CosineSoftmaxCE(torch.autograd.Function):
         w_norm = w.norm(dim=1, keepdim=True).clamp_(min=1e-12)
         x_hat, w_hat = x / x_norm, w / w_norm
         z = mm(x_hat, w_hat.T)
-        col = labels[:, None]
         slope = None
         if target is not None:
+            col = labels[:, None]
             value, slope = target(z.gather(1, col).squeeze(1))
         z.mul_(scale)
         if target is not None:
@@ -238,7 +241,7 @@ class _CosineSoftmaxCE(torch.autograd.Function):
         log_p = torch.log_softmax(z, 1, out=z)  # in place: one [B, C] buffer fewer
         ctx.save_for_backward(x, w, x_hat, x_norm, w_hat, w_norm, labels, slope, log_p)
         ctx.scale, ctx.target = scale, target
-        return -log_p.gather(1, col).mean()
+        return F.nll_loss(log_p, labels)  # −mean_b log_p[b, y_b] in one operation
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -248,13 +251,7 @@ class _CosineSoftmaxCE(torch.autograd.Function):
             return *_differentiable_backward(
                 lambda a, b: _reference_softmax_ce(_reference_cosine(a, b), labels, scale, target),
                 (x, w), grad, ctx.needs_input_grad[:2]), None, None, None
-        c = grad * scale / x.shape[0]
-        col = labels[:, None]
-        g = torch.exp(log_p)
-        g_y = (g.gather(1, col) - 1) * c
-        if slope is not None:
-            g_y = g_y * slope[:, None]
-        g.mul_(c).scatter_(1, col, g_y)  # ∂/∂cos
+        g = _logit_grad(log_p, labels, slope, grad * (scale / x.shape[0]))  # ∂/∂cos
         gx = gw = None
         if ctx.needs_input_grad[0]:
             u = mm(g, w_hat)
