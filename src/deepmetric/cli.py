@@ -263,7 +263,7 @@ def demo(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
     set_: SetOpt = None,
 ) -> None:
-    """Train the digits demo (margin loss, checkpoint chosen on held-out training classes; CPU, under a minute)
+    """Train the digits demo (3 networks, a margin loss each; checkpoint chosen on held-out training classes; CPU, under a minute)
     and compare raw pixels, untrained and trained embeddings on the unseen classes."""
     from deepmetric.training.demo import run_demo
 

@@ -37,3 +37,11 @@ def test_a_timm_cnn_exports_with_a_dynamic_batch_axis(tmp_path):
 def test_export_needs_a_run(tmp_path):
     with pytest.raises(RunFolderError, match="not a run folder"):
         export_run(tmp_path)
+
+
+
+def test_a_deep_ensemble_exports_as_one_model(tmp_path):
+    cfg = load(None, ["model.embedding_size=24", "model.members=3", "model.backbone_kwargs={width: 4}"])
+    model = build_model(cfg).eval()
+    path = export_model(model, tmp_path / "ensemble.onnx", (1, 8, 8))
+    assert parity(model, path, (1, 8, 8), batch_sizes=(1, 4)) <= PARITY_TOLERANCE

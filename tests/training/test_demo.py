@@ -38,15 +38,17 @@ def test_the_demo_grid_runs_the_demo_settings():
     assert grid.baselines == {"previous_demo": "untrained", "demo": "untrained"}
 
 
-def test_demo_network_starts_at_its_flattened_features():
-    """The identity head: the untrained demo embedding is the backbone's 512 features, L2-normalised."""
+def test_demo_networks_start_at_their_flattened_features():
+    """The identity heads: the untrained demo embedding is each of the 3 networks' 512 features,
+    L2-normalised, concatenated and scaled by 1/√3."""
     torch.manual_seed(0)
     model = build_model(load(None, DEMO)).eval()
     x = torch.rand(5, 1, 8, 8)
     with torch.no_grad():
-        features = model.backbone(x)
-        assert features.shape == (5, 512)
-        assert torch.allclose(model(x), torch.nn.functional.normalize(features), atol=1e-6)
+        features = [b(x) for b in model.backbone]
+        assert [f.shape for f in features] == [(5, 512)] * 3
+        expected = torch.cat([torch.nn.functional.normalize(f) for f in features], 1) / 3 ** 0.5
+        assert torch.allclose(model(x), expected, atol=1e-6)
 
 
 def test_comparison_text_gives_each_baseline_and_the_difference():

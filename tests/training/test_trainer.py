@@ -38,8 +38,9 @@ class Interrupt(Hook):
 
 
 @pytest.mark.parametrize("extra", [[], ["memory.size=100", "loss.name=contrastive", "miner.name=batch_hard"],
-                                   ["objective=[{name: multi_similarity}, {name: sec, weight: 0.1}, {name: lsd, alpha: 50}]"]],
-                         ids=["plain", "xbm+miner", "objective+lsd"])
+                                   ["objective=[{name: multi_similarity}, {name: sec, weight: 0.1}, {name: lsd, alpha: 50}]"],
+                                   ["model.embedding_size=32", "model.members=2", "loss.name=proxy_anchor"]],
+                         ids=["plain", "xbm+miner", "objective+lsd", "members"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, fast_overrides, extra):
     c = load(None, fast_overrides + ["train.epochs=3", "train.checkpoint_every=1"] + extra)
     full = Trainer(c, tmp_path / "full", progress=False)

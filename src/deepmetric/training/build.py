@@ -13,6 +13,7 @@ from deepmetric.data.transforms import normalization_for
 from deepmetric.distributed import launched_by_torchrun, local_rank
 from deepmetric.errors import ConfigError
 from deepmetric.models import EmbeddingModel
+from deepmetric.models.members import MemberHeads, ParallelBackbones
 from deepmetric.training.config import RunConfig, check_components
 from deepmetric.hooks import Hook
 
@@ -61,11 +62,20 @@ def unaugmented(cfg: RunConfig, train: MetricDataset) -> MetricDataset:
 
 
 def build_model(cfg: RunConfig) -> EmbeddingModel:
+    """Backbone -> head; with ``model.members: k > 1`` a deep ensemble of k such networks, built one after the
+    other from the same random stream (member 0 is the network a single-model run of this seed builds)."""
     m = cfg.model
-    backbone = models.build(m.backbone, pretrained=m.pretrained, pretrained_path=m.pretrained_path, **m.backbone_kwargs)
-    head = models.HEADS.build(m.head, in_features=backbone.num_features, embedding_size=m.embedding_size,
-                              batch_norm=m.batch_norm, normalize=m.normalize, **m.head_kwargs)
-    return EmbeddingModel(backbone, head, freeze_bn=m.freeze_bn)
+    size = m.embedding_size // m.members
+    backbones, heads = [], []
+    for _ in range(m.members):
+        backbones.append(models.build(m.backbone, pretrained=m.pretrained, pretrained_path=m.pretrained_path,
+                                      **m.backbone_kwargs))
+        heads.append(models.HEADS.build(m.head, in_features=backbones[-1].num_features, embedding_size=size,
+                                        batch_norm=m.batch_norm, normalize=m.normalize, **m.head_kwargs))
+    if m.members == 1:
+        return EmbeddingModel(backbones[0], heads[0], freeze_bn=m.freeze_bn)
+    parallel = ParallelBackbones(backbones)
+    return EmbeddingModel(parallel, MemberHeads(heads, parallel.sizes), freeze_bn=m.freeze_bn)
 
 
 def build_miner(cfg: RunConfig) -> nn.Module | None:

@@ -93,7 +93,9 @@ class ModelConfig(Section):
     head: str = Field("linear", description="embedding head (deepmetric.models.HEADS): linear, or multi_head "
                       "(global + part heads with non-local attention; needs an unpooled backbone map)")
     head_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keywords for the head")
-    embedding_size: int = Field(64, ge=1)
+    embedding_size: int = Field(64, ge=1, description="the model's output size (with members: all members together)")
+    members: int = Field(1, ge=1, description="a deep ensemble of this many networks, each with its own copy of the "
+                         "loss, embedding_size / members dimensions each; the embedding is their concatenation / √k")
     batch_norm: bool = False
     normalize: bool = True
     freeze_bn: bool = False
@@ -225,7 +227,26 @@ class RunConfig(Section):
         names = [t.name for t in self.objective]
         if len(set(names)) != len(names):
             raise ValueError(f"objective terms must have distinct names, got {names}")
+        if self.model.members > 1:
+            self._check_members()
         return self
+
+    def _check_members(self) -> None:
+        k, size = self.model.members, self.model.embedding_size
+        if size % k:
+            raise ValueError(f"model.embedding_size ({size}) must be a multiple of model.members ({k}): each member "
+                             f"gets embedding_size / members dimensions (e.g. embedding_size={k * max(1, size // k)})")
+        if self.model.head != "linear":
+            raise ValueError(f"model.members > 1 needs model.head=linear (one linear head per member), got {self.model.head!r}")
+        coupled = [(what, value) for what, value, used in (
+            ("miner.name", self.miner.name, self.miner.name is not None),
+            ("memory.size", self.memory.size, self.memory.size > 0),
+            ("augment.name", self.augment.name, self.augment.name is not None),
+            ("sampler.name", self.sampler.name, self.sampler.name == "fixed_representatives"),
+            ("proxies.ccp", self.proxies.ccp, self.proxies.ccp)) if used]
+        if coupled:
+            raise ValueError(f"model.members > 1 trains each member on its own loss over the same batches; "
+                             f"{', '.join(f'{w}={v}' for w, v in coupled)} would couple them and is not supported")
 
     def terms(self) -> list[TermConfig]:
         """The objective's terms: ``objective`` if given, else the single ``loss`` with weight 1."""

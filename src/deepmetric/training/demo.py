@@ -7,8 +7,11 @@ section records with the validation figures:
 * ``small_cnn`` with ``width: 16, pool: flatten``: the 16 x 2 x 4 x 4 = 512-d feature map keeps where the
   strokes are (global average pooling of 8x8 digits throws that away: untrained, it scores MAP@R 0.35
   against raw pixels' 0.61 on the unseen classes);
-* ``head_kwargs: {init: identity}`` with ``embedding_size: 512``: the head starts at those features
+* ``head_kwargs: {init: identity}`` with 512 dimensions per network: the head starts at those features
   instead of a random 64-d projection of them, which loses part of what they hold;
+* ``model.members: 3``: a deep ensemble of three such networks (``embedding_size: 1536``), each trained by
+  its own margin loss; over 15 seeds it won +0.0059 ± 0.0034 (standard error) validation MAP@R against
+  one network;
 * the margin loss (Wu et al. 2017), AdamW lr 1e-4, 20 epochs;
 * ``data.val_classes: 2``: two of the five training classes are held out and the checkpoint with the best
   validation MAP@R is reported (batches of 3 classes x 16).
@@ -29,7 +32,8 @@ DEMO = [
     "sampler.batch_size=48",
     "model.backbone_kwargs={width: 16, pool: flatten}",
     "model.head_kwargs={init: identity}",
-    "model.embedding_size=512",
+    "model.embedding_size=1536",
+    "model.members=3",
     "loss.name=margin",
     "optimizer.lr=0.0001",
     "train.epochs=20",

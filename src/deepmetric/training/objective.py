@@ -24,7 +24,10 @@ A term made of several parts (``hybrid``, ``ensemble``) leaves its last step's p
 dict of detached tensors; they are reported (not summed) as ``<term>/<part>``.
 
 Constructor parameters ``num_classes``, ``embedding_size``, ``num_samples``, ``model`` and ``lifetime``
-(``sampler.lifetime``) are filled in from the run when a term's constructor has them.
+(``sampler.lifetime``) are filled in from the run when a term's constructor has them. In a deep ensemble
+(``model.members: k > 1``) every loss term is built k times, with ``embedding_size / k`` and no ``model``,
+and applied to the members' embeddings by :class:`~deepmetric.losses.members.PerMemberLoss`; regularisers
+see the whole ensemble.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch import nn
 from deepmetric import losses, regularizers
 from deepmetric.augment import proxy_loss_with_classes
 from deepmetric.errors import ConfigError, UnknownNameError, suggest
+from deepmetric.losses.members import PerMemberLoss
 from deepmetric.registry import Registry
 from deepmetric.step import StepInputs
 
@@ -133,12 +137,18 @@ class Objective(nn.Module):
 def build_objective(config: Any, *, num_classes: int, num_samples: int, model: nn.Module) -> Objective:
     """The :class:`Objective` of a :class:`~deepmetric.training.config.RunConfig` (its ``objective`` list,
     or its single ``loss``), checked against the rest of the run (miner, memory, augmenter)."""
+    k = config.model.members
     filled = {"num_classes": num_classes, "embedding_size": config.model.embedding_size,
               "num_samples": num_samples, "model": model, "lifetime": config.sampler.kwargs().get("lifetime")}
+    member = dict(filled, embedding_size=config.model.embedding_size // k, model=None)  # one single-head network
     terms, weights = {}, {}
     for term in config.terms():
         registry = term_registry(term.name)
-        terms[term.name] = registry.build_in_context(term.name, filled, **term.kwargs())
+        if k > 1 and registry is losses.LOSSES:  # a deep ensemble: one copy of each loss per member
+            copies = [registry.build_in_context(term.name, member, **term.kwargs()) for _ in range(k)]
+            terms[term.name] = PerMemberLoss(copies, [member["embedding_size"]] * k, normalized=config.model.normalize)
+        else:
+            terms[term.name] = registry.build_in_context(term.name, filled, **term.kwargs())
         weights[term.name] = term.weight
     objective = Objective(terms, weights, memory_weight=config.memory.weight)
     by_refs = [n for n, t in objective.losses().items() if uses_references(t)]

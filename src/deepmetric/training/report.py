@@ -171,13 +171,16 @@ def write_report(out: Path, embeddings: tuple[torch.Tensor, torch.Tensor] | None
             images.append("tsne.png")
     method = " + ".join(f"{t.get('weight', 1)}·{t['name']}" for t in cfg["objective"]) if cfg.get("objective") else cfg["loss"]["name"]
     rows = {**summary.get("baselines", {}), "trained (selected checkpoint)": summary["test"]}
+    k = cfg["model"].get("members", 1)
+    model = (f"<b>{k} x {html.escape(cfg['model']['backbone'])}</b> (a deep ensemble, one loss per network)" if k > 1
+             else f"<b>{html.escape(cfg['model']['backbone'])}</b>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>deepmetric run report</title>
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}
 .note{{background:#f4f4f4;padding:8px}}</style></head><body>
 <h1>deepmetric run report</h1>
 <p>Data set <b>{html.escape(cfg['data']['name'])}</b>, objective <b>{html.escape(method)}</b>,
-backbone <b>{html.escape(cfg['model']['backbone'])}</b>, {cfg['train']['epochs']} epochs.
+backbone {model}, {cfg['model']['embedding_size']}-d embedding, {cfg['train']['epochs']} epochs.
 Test = classes never seen in training; MAP@R leads because Recall@1 saturates early.</p>
 <p class="note">{html.escape(selection_text(summary.get('selected')))}</p>
 <p class="note">{html.escape(comparison_text(summary, cfg['train']['select_metric']))}</p>
