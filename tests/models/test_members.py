@@ -76,6 +76,7 @@ def test_objective_builds_one_loss_copy_per_member_with_its_own_proxies():
     (["memory.size=64"], "memory.size=64"),
     (["augment.name=das"], "augment.name=das"),
     (["model.head=multi_head"], "model.head=linear"),
+    (["model.pretrained=true", "model.head_kwargs={init: identity}"], "identical networks"),
 ])
 def test_settings_that_would_couple_the_members_are_refused(extra, match):
     with pytest.raises(ConfigError, match=match):

@@ -236,6 +236,10 @@ class RunConfig(Section):
         if size % k:
             raise ValueError(f"model.embedding_size ({size}) must be a multiple of model.members ({k}): each member "
                              f"gets embedding_size / members dimensions (e.g. embedding_size={k * max(1, size // k)})")
+        if self.model.pretrained and self.model.head_kwargs.get("init") == "identity":
+            raise ValueError("model.members > 1 with a pretrained backbone and head_kwargs.init=identity builds k "
+                             "identical networks (the members differ by their random initialisation only); "
+                             "use the default head init or pretrained=false")
         if self.model.head != "linear":
             raise ValueError(f"model.members > 1 needs model.head=linear (one linear head per member), got {self.model.head!r}")
         coupled = [(what, value) for what, value, used in (
