@@ -24,7 +24,7 @@ BASE = ["optimizer.name=sgd", "optimizer.lr=0.05", "optimizer.momentum=0", "opti
         "model.embedding_size=16", "model.backbone_kwargs={width: 8}", "eval.tsne=false", "eval.ks=[1,2]"]
 
 #: one loss of each family (learnable margin β, proxies, ranking, XBM with a miner, per-sample state,
-#: regularisers on raw embeddings and on a teacher's), and the epoch each is evaluated at
+#: regularisers on raw embeddings and on a teacher's, a deep ensemble), and the epoch each is evaluated at
 CASES = {
     "pair_margin": (["loss.name=margin"], 1),
     "proxy_anchor": (["loss.name=proxy_anchor"], 1),
@@ -32,6 +32,7 @@ CASES = {
     "xbm_multi_similarity": (["loss.name=multi_similarity", "miner.name=multi_similarity", "memory.size=48"], 1),
     "auprc_state": (["loss.name=auprc"], 1),
     "sec_lsd": (["objective=[{name: contrastive}, {name: sec, weight: 0.5}, {name: lsd, alpha: 50}]"], 2),
+    "members_margin": (["loss.name=margin", "model.members=2"], 1),  # a deep ensemble: one margin loss per network
 }
 STEPS = 3
 

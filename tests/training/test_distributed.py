@@ -67,7 +67,8 @@ def test_ddp_gradients_equal_one_process_on_the_concatenated_batch(ranks, single
         for name, g in grads.items():
             assert torch.equal(g0[name], g1[name]), f"{name}: ranks disagree"
             assert close(g0[name], g, rel), f"step {step}, {name}: DDP {g0[name].flatten()[:3]} vs one process {g.flatten()[:3]}"
-    learnable = {"pair_margin": "objective.terms.margin.beta", "proxy_anchor": "objective.terms.proxy_anchor.proxies"}
+    learnable = {"pair_margin": "objective.terms.margin.beta", "proxy_anchor": "objective.terms.proxy_anchor.proxies",
+                 "members_margin": "objective.terms.margin.members.1.beta"}
     if case in learnable:  # loss parameters get the full gradient, not W times it
         assert learnable[case] in grads
 
