@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from deepmetric import matmul
 from deepmetric.errors import ConfigError, InputError
 from deepmetric.evaluation import knn
 from deepmetric.evaluation.knn import _knn_chunked, _knn_faiss_symmetric, chunk_rows, parse_memory_budget, symmetric_block
@@ -110,8 +111,13 @@ def test_knn_errors(kwargs, error, match):
 
 @pytest.mark.parametrize("distance", ["cosine", "euclidean"])
 @pytest.mark.parametrize("loo", [True, False])
-def test_faiss_blocks_keep_duplicate_ties(data, distance, loo):
-    """faiss computes the gallery in blocks of 1024; duplicates across blocks must still tie exactly."""
+@pytest.mark.parametrize("onednn", [False, True], ids=["torch.mm", "onednn"])
+def test_faiss_blocks_keep_duplicate_ties(data, distance, loo, onednn, monkeypatch):
+    """faiss computes the gallery in blocks of 1024, the symmetric pass (cosine, leave-one-out) in two
+    1504 x 1504 tiles, by torch.mm or oneDNN; duplicates across blocks must still tie exactly."""
+    if onednn and not matmul.AVAILABLE:
+        pytest.skip("oneDNN's linear op does not run here")
+    monkeypatch.setattr(matmul, "ONEDNN", onednn)
     x, _ = data("duplicates", n=3000, d=64)
     q = x if loo else data("duplicates", seed=3, n=100, d=64)[0]
     args = (torch.from_numpy(q), None if loo else torch.from_numpy(x), 50)

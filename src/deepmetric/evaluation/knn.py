@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from deepmetric import matmul
 from deepmetric.errors import ConfigError, InputError, suggest
 
 DISTANCES = ("cosine", "euclidean")
@@ -199,11 +200,15 @@ def _knn_faiss_symmetric(x_op: torch.Tensor, k: int, block: int) -> tuple[torch.
     heaps, values, indices = _new_heaps(n, min(k + 1, n - 1))
     padded = torch.zeros(-(-n // block) * block, x_op.shape[1])
     padded[:n] = x_op
-    out = torch.empty(block, block)
+    buffer = torch.empty(block, block)
     starts = range(0, n, block)
 
     def tile(i0: int, j0: int) -> torch.Tensor:
-        torch.mm(padded[i0 : i0 + block], padded[j0 : j0 + block].T, out=out)
+        a, b = padded[i0 : i0 + block], padded[j0 : j0 + block].T
+        if matmul.ONEDNN:  # its kernels (no `out=`) also give one rounding per dot product, any position
+            out = matmul.mm(a, b)
+        else:
+            out = torch.mm(a, b, out=buffer)
         ri, rj = min(block, n - i0), min(block, n - j0)
         return out if ri == rj == block else out[:ri, :rj].contiguous()
 
