@@ -1,4 +1,5 @@
-"""Matrix products of the hot paths: oneDNN's float32 GEMM on non-Intel x86-64 CPUs, ``torch.mm`` elsewhere.
+"""Matrix products of the hot paths (the losses' similarity matrices and their gradients, the evaluation's
+symmetric kNN tiles): oneDNN's float32 GEMM on non-Intel x86-64 CPUs, ``torch.mm`` elsewhere.
 
 ``torch.mm`` on CPU calls MKL's sgemm, which on AMD processors runs its AVX2 kernels even where AVX-512
 exists. oneDNN, which PyTorch bundles (it already runs PyTorch's CPU convolutions), picks its kernels by

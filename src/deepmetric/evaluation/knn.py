@@ -192,7 +192,10 @@ def _knn_faiss_symmetric(x_op: torch.Tensor, k: int, block: int) -> tuple[torch.
     heap has a threshold, and the picks of each tile row are pushed before the next. Heaps keep k + 1
     entries, so a tie at the k-th place is seen and that row re-sorted exactly. All products have the
     same shape (the last block zero-padded): BLAS may round a dot product differently in products of
-    different shapes, which would split ties between exact duplicates.
+    different shapes, which would split ties between exact duplicates. The tiles go through
+    :func:`deepmetric.matmul.mm` where its oneDNN path is on (non-Intel x86-64; MKL runs AVX2 kernels there):
+    like MKL's, its kernels round a dot product the same at every position of a tile and with the operands'
+    roles swapped, which the duplicate-tie tests check on both paths.
     """
     import faiss
 
@@ -205,7 +208,7 @@ def _knn_faiss_symmetric(x_op: torch.Tensor, k: int, block: int) -> tuple[torch.
 
     def tile(i0: int, j0: int) -> torch.Tensor:
         a, b = padded[i0 : i0 + block], padded[j0 : j0 + block].T
-        if matmul.ONEDNN:  # its kernels (no `out=`) also give one rounding per dot product, any position
+        if matmul.ONEDNN:  # a fresh tile each time: the oneDNN op has no `out=`
             out = matmul.mm(a, b)
         else:
             out = torch.mm(a, b, out=buffer)
