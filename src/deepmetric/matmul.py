@@ -7,8 +7,9 @@ instruction set, not by vendor. On a 2-core AMD EPYC (Zen 5) a 512 x 512 x 11,31
 through MKL (190 GFLOP/s) and 12.3 ms through oneDNN (480 GFLOP/s); products from 512 x 128 x 512 up ran
 1.45-2.6x faster (``benchmarks/bench_matmul.py``, 2 threads). On an Intel Xeon, where MKL runs its own
 AVX-512 kernels, oneDNN was 0.53-0.98x of MKL on the losses' products (the ``∂W = Gᵀ X`` product of
-C = 11,318 proxies 0.70x; ``benchmarks/results/bench_matmul_intel_xeon.json``), so Intel CPUs keep ``torch.mm``. 128³ is as fast alone but made the SupCon step at B = 128, D = 128 20 %
-slower, so products that small stay with ``torch.mm``. The values are the same float32 products summed in
+C = 11,318 proxies 0.70x; ``benchmarks/results/bench_matmul_intel_xeon.json``), so Intel CPUs keep
+``torch.mm``. 128³ is as fast alone but made the SupCon step at B = 128, D = 128 20 % slower, so products
+that small stay with ``torch.mm``. The values are the same float32 products summed in
 another order (relative differences ~1e-6), and a row of the result does not depend on how many rows are
 computed with it, so row-chunked distances stay equal to unchunked ones.
 

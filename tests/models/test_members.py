@@ -45,7 +45,7 @@ def test_member_zero_is_the_single_model_and_the_embedding_is_the_scaled_concate
 def test_per_member_loss_is_the_sum_of_independent_losses_and_keeps_members_apart():
     torch.manual_seed(1)
     copies = [losses.build("margin", num_classes=3) for _ in range(2)]
-    per = PerMemberLoss(copies, [4, 4])
+    per = PerMemberLoss(copies, [4, 4], math.sqrt(2))
     e = [F.normalize(torch.randn(12, 4, dtype=torch.float64), dim=1).requires_grad_(True) for _ in range(2)]
     y = torch.arange(3).repeat_interleave(4)
     value = per(torch.cat(e, 1) / math.sqrt(2), y)

@@ -203,15 +203,12 @@ def _knn_faiss_symmetric(x_op: torch.Tensor, k: int, block: int) -> tuple[torch.
     heaps, values, indices = _new_heaps(n, min(k + 1, n - 1))
     padded = torch.zeros(-(-n // block) * block, x_op.shape[1])
     padded[:n] = x_op
-    buffer = torch.empty(block, block)
+    buffer = None if matmul.ONEDNN else torch.empty(block, block)  # the oneDNN op has no `out=`
     starts = range(0, n, block)
 
     def tile(i0: int, j0: int) -> torch.Tensor:
         a, b = padded[i0 : i0 + block], padded[j0 : j0 + block].T
-        if matmul.ONEDNN:  # a fresh tile each time: the oneDNN op has no `out=`
-            out = matmul.mm(a, b)
-        else:
-            out = torch.mm(a, b, out=buffer)
+        out = matmul.mm(a, b) if buffer is None else torch.mm(a, b, out=buffer)
         ri, rj = min(block, n - i0), min(block, n - j0)
         return out if ri == rj == block else out[:ri, :rj].contiguous()
 

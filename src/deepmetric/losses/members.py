@@ -9,7 +9,6 @@ Member i's parameters get exactly the gradient of ``L_i``, as if it were trained
 from __future__ import annotations
 
 import inspect
-import math
 
 import torch
 from torch import nn
@@ -19,19 +18,20 @@ from deepmetric.losses.hybrid import split_heads
 
 
 class PerMemberLoss(nn.Module):
-    """``Σ_i losses[i](√k·x_i, labels)`` over the column blocks ``x_i`` (``sizes``) of the embeddings; each
-    member's value is kept in ``last_parts`` (``member0``, ``member1``, …) and logged. ``normalized``: the
-    model's members L2-normalise (the blocks are then rescaled by √k to unit vectors). Mined indices and
-    cross-batch references are refused: a miner or a memory on the concatenation would couple the members."""
+    """``Σ_i losses[i](scale·x_i, labels)`` over the column blocks ``x_i`` (``sizes``) of the embeddings; each
+    member's value is kept in ``last_parts`` (``member0``, ``member1``, …) and logged. ``scale`` turns a block
+    back into its member's embedding (the model's ``head.block_scale``: √k when the members L2-normalise).
+    Mined indices and cross-batch references are refused: a miner or a memory on the concatenation would
+    couple the members."""
 
-    def __init__(self, losses: list[nn.Module], sizes: list[int], normalized: bool = True):
+    def __init__(self, losses: list[nn.Module], sizes: list[int], scale: float):
         super().__init__()
         if len(losses) != len(sizes) or len(losses) < 2:
             raise ConfigError(f"a per-member loss needs one loss per member (at least 2), got {len(losses)} for "
                               f"{len(sizes)} members")
         self.members = nn.ModuleList(losses)
         self.sizes = [int(s) for s in sizes]
-        self.scale = math.sqrt(len(losses)) if normalized else 1.0
+        self.scale = float(scale)
         self.uses_references = bool(getattr(losses[0], "uses_references", True))
         self.wants_sample_ids = "sample_ids" in inspect.signature(losses[0].forward).parameters
         self.last_parts: dict[str, torch.Tensor] = {}

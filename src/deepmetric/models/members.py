@@ -41,7 +41,9 @@ class MemberHeads(nn.ModuleList):
             raise ValueError(f"{len(heads)} heads for {len(feature_sizes)} feature blocks")
         self.feature_sizes = list(feature_sizes)
         self.normalize = all(getattr(h, "normalize", False) for h in heads)
-        self.scale = 1 / math.sqrt(len(heads)) if self.normalize else 1.0
+        #: what a member's block is multiplied by to give that member's own embedding (√k when normalised)
+        self.block_scale = math.sqrt(len(heads)) if self.normalize else 1.0
+        self.scale = 1 / self.block_scale
 
     @property
     def embedding_sizes(self) -> tuple[int, ...]:

@@ -146,7 +146,7 @@ def build_objective(config: Any, *, num_classes: int, num_samples: int, model: n
         registry = term_registry(term.name)
         if k > 1 and registry is losses.LOSSES:  # a deep ensemble: one copy of each loss per member
             copies = [registry.build_in_context(term.name, member, **term.kwargs()) for _ in range(k)]
-            terms[term.name] = PerMemberLoss(copies, [member["embedding_size"]] * k, normalized=config.model.normalize)
+            terms[term.name] = PerMemberLoss(copies, list(model.head.embedding_sizes), model.head.block_scale)
         else:
             terms[term.name] = registry.build_in_context(term.name, filled, **term.kwargs())
         weights[term.name] = term.weight
