@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from deepmetric import losses
-from deepmetric.errors import ConfigError
+from deepmetric.errors import ConfigError, InputError
 from deepmetric.losses.members import PerMemberLoss
 from deepmetric.training import Trainer, load
 from deepmetric.training.build import build_model
@@ -58,6 +58,8 @@ def test_per_member_loss_is_the_sum_of_independent_losses_and_keeps_members_apar
     torch.testing.assert_close(g0, g0_alone)  # member 0 gets exactly its own loss's gradient
     with pytest.raises(ConfigError, match="miner.name=null"):
         per(torch.cat(e, 1), y, indices=(y, y, y))
+    with pytest.raises(InputError, match="8 = 4 \\+ 4"):  # embeddings of another size than the members'
+        per(torch.randn(12, 6), y)
 
 
 def test_objective_builds_one_loss_copy_per_member_with_its_own_proxies():
@@ -77,6 +79,9 @@ def test_objective_builds_one_loss_copy_per_member_with_its_own_proxies():
     (["augment.name=das"], "augment.name=das"),
     (["model.head=multi_head"], "model.head=linear"),
     (["model.pretrained=true", "model.head_kwargs={init: identity}"], "identical networks"),
+    (["sampler.name=fixed_representatives"], "sampler.name=fixed_representatives"),
+    (["proxies.ccp=true", "loss.name=proxy_anchor"], "proxies.ccp=True"),
+    (["model.members=0"], "members"),
 ])
 def test_settings_that_would_couple_the_members_are_refused(extra, match):
     with pytest.raises(ConfigError, match=match):
